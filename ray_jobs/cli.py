@@ -1,0 +1,118 @@
+"""The ``danmul`` command line. Each subcommand is a thin front end over ``ingest/``, ``model/`` or a
+Ray job; heavy imports happen inside the command that needs them, so ``danmul --help`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from ray_jobs import config as cfgmod
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    from ingest.build import BuildConfig, build
+    from ingest.stats import format_stats
+
+    cfg = cfgmod.resolve(BuildConfig, args, args.config)
+    result = build(cfg, progress=args.progress)
+    print(format_stats(result.info))
+    rate = result.lines / result.seconds if result.seconds else 0.0
+    print(f"\n{result.lines:,} metadata lines in {result.seconds:.1f} s ({rate:,.0f} lines/s) -> {cfg.out}")
+    return 0
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from ingest.stats import format_stats
+    from ingest.synth import SynthConfig, synthesize
+
+    cfg = cfgmod.resolve(SynthConfig, args, args.config)
+    info = synthesize(cfg, progress=args.progress)
+    print(format_stats(info))
+    print(f"\nwritten to {cfg.out}")
+    return 0
+
+
+def _data_stats(args: argparse.Namespace) -> int:
+    from ingest.shards import load_info
+    from ingest.stats import format_stats
+    from ingest.storage import Storage
+
+    info = load_info(Storage(args.uri, args.endpoint_url))
+    print(format_stats(info))
+    return 0
+
+
+def _bench_build(args: argparse.Namespace) -> int:
+    from ray_jobs.bench_build import main as bench_main
+
+    return bench_main(args.lines or [100_000, 1_000_000], workdir=args.workdir, keep=args.keep)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ray_jobs.demo import run_demo
+
+    return run_demo(args.out, quick=args.quick)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override it")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars on stderr (default: when stderr is a terminal)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ingest.build import BuildConfig
+    from ingest.synth import SynthConfig
+
+    parser = argparse.ArgumentParser(
+        prog="danmul",
+        description="Anime character identification and Danbooru tag prediction (Dan:mul).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="build, generate and inspect Dan:mul datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data_sub.add_parser("build", help="build Dan:mul from Danbooru2021 metadata and 512px images")
+    cfgmod.add_arguments(p, BuildConfig)
+    _add_common(p)
+    p.set_defaults(func=_data_build)
+    p = data_sub.add_parser("synth", help="generate a synthetic Dan:mul-like dataset")
+    cfgmod.add_arguments(p, SynthConfig)
+    _add_common(p)
+    p.set_defaults(func=_data_synth)
+    p = data_sub.add_parser("stats", help="print the statistics table of a dataset")
+    p.add_argument("uri", help="dataset URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    p.set_defaults(func=_data_stats)
+
+    bench = sub.add_parser("bench", help="benchmarks (figures go in the README)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    p = bench_sub.add_parser("build", help="Dan:mul build on generated metadata: lines/s and peak memory")
+    p.add_argument("--lines", type=int, action="append",
+                   help="metadata lines per run; repeat to compare sizes (default: 100000 and 1000000)")
+    p.add_argument("--workdir", default=None, help="where to generate inputs (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the generated inputs and outputs")
+    p.set_defaults(func=_bench_build)
+
+    p = sub.add_parser("demo", help="run the whole system end to end on embedded defaults")
+    p.add_argument("--out", default="demo-out", help="folder for the demo's data, model and results")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (used by the tests)")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
+        print(f"danmul: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
