@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from ingest.danbooru import BadPost, Post, image_relpath, parse_line
 from ingest.schema import DatasetInfo, FilterStep
 from ingest.shards import DEFAULT_SHARD_MB, DatasetWriter, Example, SplitAssigner, parse_fractions
-from ingest.storage import NotFound, Storage, StorageError
+from ingest.storage import NotFound, Storage, StorageError, TooLarge
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -256,6 +256,8 @@ def build(cfg: BuildConfig, progress: bool | None = None, log: Callable[[str], N
     files = metadata_files(meta)
     if not images.exists():
         raise FileNotFoundError(f"image tree {images.uri} does not exist")
+    # refuse an existing dataset now, not after the long passes
+    writer = DatasetWriter(out, source="danbooru", shard_mb=cfg.shard_mb, overwrite=cfg.overwrite)
 
     log(f"indexing images under {images.uri}")
     index = ImageIndex.scan(images, cfg.image_ext, progress=progress)
@@ -293,7 +295,6 @@ def build(cfg: BuildConfig, progress: bool | None = None, log: Callable[[str], N
         # Pass 3: filter tags, assign splits, read images, write shards.
         log(f"{len(vocab):,} general tags kept; pass 3/3: write shards to {out.uri}")
         assigner = SplitAssigner(kept_chars, fractions, cfg.seed)
-        writer = DatasetWriter(out, source="danbooru", shard_mb=cfg.shard_mb, overwrite=cfg.overwrite)
         read_failures: Counter[str] = Counter()
         max_bytes = int(cfg.max_image_mb * (1 << 20))
 
@@ -302,8 +303,10 @@ def build(cfg: BuildConfig, progress: bool | None = None, log: Callable[[str], N
                 data = images.read_bytes(image_relpath(post_id, cfg.image_ext), max_bytes=max_bytes)
             except NotFound:
                 return "image_vanished"
-            except StorageError as e:
-                return "image_too_large" if "limit" in str(e) else "image_read_error"
+            except TooLarge:
+                return "image_too_large"
+            except StorageError:
+                return "image_read_error"
             return data if sniff_image(data) else "not_an_image"
 
         def emit(row: dict, data: bytes | str) -> None:

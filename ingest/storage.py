@@ -35,6 +35,10 @@ class NotFound(StorageError, FileNotFoundError):
     """The object or file does not exist."""
 
 
+class TooLarge(StorageError):
+    """The object is larger than the caller's limit (nothing past the limit was read)."""
+
+
 @dataclass(frozen=True)
 class FileEntry:
     """One file found by :meth:`Storage.list`: its path relative to the listed prefix, and size."""
@@ -130,7 +134,7 @@ class Storage:
         except OSError as e:
             raise self._error("read", rel, e) from e
         if len(data) > max_bytes:
-            raise StorageError(f"{self.uri_of(rel)} is larger than the {max_bytes}-byte limit")
+            raise TooLarge(f"{self.uri_of(rel)} is larger than the {max_bytes}-byte limit")
         return data
 
     def read_text(self, rel: str = "") -> str:
@@ -190,7 +194,7 @@ class Storage:
                     f.write(data)
                 os.replace(tmp, target)
             else:
-                with self.fs.open_output_stream(target) as f:
+                with self.fs.open_output_stream(target, compression=None) as f:
                     f.write(data)
         except OSError as e:
             raise self._error("write", rel, e) from e
@@ -203,7 +207,7 @@ class Storage:
         target = self.path(rel)
         if self.local:
             os.makedirs(posixpath.dirname(target), exist_ok=True)
-        return self.fs.open_output_stream(target)
+        return self.fs.open_output_stream(target, compression=None)
 
     def write_parquet(self, rel: str, table: pa.Table, **kwargs) -> None:
         sink = pa.BufferOutputStream()

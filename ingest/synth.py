@@ -94,8 +94,8 @@ class SynthConfig:
     sibling_rate: float = field(default=0.2, metadata={"help": "share of characters that differ from another "
                                                                "only in a detail occlusion can hide"})
     occlusion: float = field(default=0.35, metadata={"help": "share of images with an occluder"})
-    tag_drop: float = field(default=0.08, metadata={"help": "chance that a true tag is missing"})
-    wrong_tags: float = field(default=1.0, metadata={"help": "wrong tags added per image, on average"})
+    tag_drop: float = field(default=0.12, metadata={"help": "chance that a true tag is missing, on average"})
+    wrong_tags: float = field(default=1.5, metadata={"help": "wrong tags added per image, on average"})
     splits: str = field(default="0.8,0.1,0.1", metadata={"help": "train,val,test fractions per character"})
     seed: int = field(default=0, metadata={"help": "random seed: same seed, same dataset"})
     shard_mb: float = field(default=DEFAULT_SHARD_MB, metadata={"help": "image bytes per shard file, MiB"})
@@ -544,7 +544,10 @@ def encode(img: Image.Image, rng: np.random.Generator) -> bytes:
 
 
 def noisy_tags(true_tags: list[str], vocab: list[str], cfg: SynthConfig, rng: np.random.Generator) -> list[str]:
-    kept = [t for t in dict.fromkeys(true_tags) if rng.random() >= cfg.tag_drop]
+    """Posts differ in how carefully they were tagged: each drops true tags at its own rate (mean
+    ``tag_drop``), then gains a few wrong ones."""
+    drop = float(rng.uniform(0, 2 * cfg.tag_drop))
+    kept = [t for t in dict.fromkeys(true_tags) if rng.random() >= drop]
     for _ in range(int(rng.poisson(cfg.wrong_tags))):
         kept.append(vocab[int(rng.integers(len(vocab)))])
     return sorted(set(kept))

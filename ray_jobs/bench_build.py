@@ -25,7 +25,7 @@ N_CHARACTERS = 20_000
 N_GENERAL = 30_000
 N_COPYRIGHT = 2_000
 N_ARTISTS = 10_000
-N_DISTINCT_IMAGES = 8
+LINKS_PER_SOURCE = 50_000  # ext4 allows 65,000 hard links to one file
 
 
 @dataclass
@@ -39,11 +39,11 @@ def _zipf_index(rng: np.random.Generator, n: int, size: int, a: float = 1.3) -> 
     return (rng.zipf(a, size=size) - 1) % n
 
 
-def _jpegs(size: int = 32) -> list[bytes]:
+def _jpegs(count: int, size: int = 32) -> list[bytes]:
     from PIL import Image
 
     out = []
-    for i in range(N_DISTINCT_IMAGES):
+    for i in range(count):
         buf = io.BytesIO()
         Image.new("RGB", (size, size), (30 * i % 256, 80, 200 - 20 * i)).save(buf, format="JPEG")
         out.append(buf.getvalue())
@@ -58,7 +58,7 @@ def write_fake_danbooru(workdir: str, n_lines: int, seed: int = 0, files: int = 
     img_dir = os.path.join(workdir, "512px")
     os.makedirs(meta_dir, exist_ok=True)
     sources = []
-    for i, data in enumerate(_jpegs()):
+    for i, data in enumerate(_jpegs(n_lines // LINKS_PER_SOURCE + 8)):
         path = os.path.join(workdir, f"source-{i}.jpg")
         with open(path, "wb") as f:
             f.write(data)

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _base_type(hints[f.name])
-        helptext = f.metadata.get("help", "")
+        helptext = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if f.name in positional:
             parser.add_argument(f.name, type=tp, help=helptext)

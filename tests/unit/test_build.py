@@ -134,7 +134,7 @@ def test_shards_follow_the_contract(danbooru, tmp_path):
     assert len(rows) == info.num_images
     by_char = Counter(r["character"] for _, r in rows)
     assert by_char == {"alice": 12, "bob": 9}
-    for split, r in rows:
+    for _, r in rows:
         assert r["tags"] == sorted(r["tags"]) and set(r["tags"]) <= set(info.tags)
         assert "highres" not in r["tags"] and "artist_y" not in r["tags"] and "alice" not in r["tags"]
         assert r["copyright"] == ["series_x"]
@@ -185,3 +185,11 @@ def test_missing_inputs_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="metadata"):
         build(BuildConfig(metadata=str(tmp_path), images=str(tmp_path), out=str(tmp_path / "o")),
               progress=False, log=lambda s: None)
+
+
+def test_oversized_images_are_counted_not_fatal(danbooru, tmp_path):
+    root, _ = danbooru
+    info = run_build(root, str(tmp_path / "out"), max_image_mb=100 / (1 << 20)).info  # 100-byte cap
+    steps = {f.name: f for f in info.filters}
+    assert steps["image_read"].detail == {"image_too_large": 21, "not_an_image": 1}
+    assert info.num_images == 0

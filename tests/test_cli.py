@@ -1,0 +1,86 @@
+"""The ``danmul`` command line, run as a user runs it (a subprocess), end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ingest.shards import load_info
+from ingest.storage import Storage
+from tests.unit.test_build import make_danbooru
+
+pytestmark = pytest.mark.e2e
+DANMUL = [sys.executable, "-m", "ray_jobs.cli"]
+
+
+def danmul(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*DANMUL, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"danmul {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_help_lists_every_command_with_defaults():
+    out = danmul("--help").stdout
+    for command in ("data", "bench", "demo"):
+        assert command in out
+    for sub in (["data", "build"], ["data", "synth"], ["data", "stats"], ["bench", "build"], ["demo"]):
+        assert danmul(*sub, "--help").stdout.startswith("usage: danmul")
+    build_help = danmul("data", "build", "--help").stdout
+    assert "--min-images" in build_help and "(default: 10)" in build_help
+
+
+def test_synth_then_stats(tmp_path):
+    out = str(tmp_path / "synth")
+    proc = danmul("data", "synth", "--out", out, "--characters", "8", "--images", "120",
+                  "--image-size", "48", "--seed", "2")
+    assert "| dataset |" in proc.stdout.replace("  ", " ") or "dataset" in proc.stdout
+    info = load_info(Storage(out))
+    assert (info.num_images, info.num_characters, info.config["seed"]) == (120, 8, 2)
+    stats = danmul("data", "stats", out).stdout
+    assert "120" in stats and "tag vocabulary" in stats and "Gini" in stats
+
+
+def test_build_with_yaml_config_and_flag_override(tmp_path):
+    root = Storage(str(tmp_path / "danbooru"))
+    make_danbooru(root)
+    config = tmp_path / "build.yaml"
+    config.write_text(f"metadata: {root.uri_of('meta')}\nimages: {root.uri_of('512px')}\n"
+                      f"out: {tmp_path / 'out'}\nmin_images: 100\nmin_tag_count: 3\n")
+    proc = danmul("data", "build", "--config", str(config), "--min-images", "10")  # flag beats file
+    assert "metadata lines" in proc.stdout and "malformed_json 1" in proc.stdout
+    info = load_info(Storage(str(tmp_path / "out")))
+    assert info.num_images == 21 and info.config["min_images"] == 10
+    # the settings that built it are recorded with it
+    assert json.loads(Storage(str(tmp_path / "out")).read_text("dataset.json"))["config"]["min_tag_count"] == 3
+
+
+def test_errors_are_one_clear_line_and_nonzero(tmp_path):
+    proc = danmul("data", "stats", str(tmp_path / "nothing"), check=False)
+    assert proc.returncode == 2
+    assert "not a Dan:mul dataset" in proc.stderr and "Traceback" not in proc.stderr
+    proc = danmul("data", "build", "--images", "x", "--out", "y", check=False)
+    assert proc.returncode == 2 and "--metadata" in proc.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("no_such_setting: 1\n")
+    proc = danmul("data", "synth", "--config", str(bad), "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "no_such_setting" in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_end_to_end(tmp_path):
+    proc = danmul("demo", "--quick", "--out", str(tmp_path / "demo"))
+    assert "== step 1" in proc.stdout and "demo finished" in proc.stdout
+    assert load_info(Storage(str(tmp_path / "demo" / "data"))).num_images > 0
+
+
+@pytest.mark.bench
+def test_bench_build_smoke():
+    """The benchmark runs and prints its table (figures only; nothing about speed is asserted)."""
+    proc = danmul("bench", "build", "--lines", "2000", "--lines", "4000")
+    assert "| metadata lines |" in proc.stdout and "peak memory" in proc.stdout
