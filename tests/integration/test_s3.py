@@ -83,7 +83,7 @@ def test_synth_into_s3_is_read_by_ray_data(s3_bucket):
         p for s in SPLITS for p in info.shards[s])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        ds = ray.data.read_parquet(out.path("train"), filesystem=out.fs, columns=["post_id", "character"])
+        ds = ray.data.read_parquet(out.path("train"), filesystem=out.fs).select_columns(["post_id", "character"])
         rows = ds.take_all()
     finally:
         ray.shutdown()

@@ -1,0 +1,128 @@
+"""The model checkpoint (DESIGN.md, "Model checkpoint"): a folder of four files.
+
+- ``model.safetensors``: the weights (never a pickle);
+- ``config.json``: ``{"format", "version", "model": ModelConfig}``: architecture and preprocessing;
+- ``labels.json``: characters, tags, per-character abstention thresholds, per-tag thresholds;
+- ``metrics.json``: the evaluation that came with it.
+
+The model version is the first 12 hex digits of the SHA-256 of ``model.safetensors``.
+
+``model/`` does no I/O beyond the local disk: the destination or source is a local folder, or any
+object with ``write_bytes(rel, data)`` / ``read_bytes(rel)`` (``ingest.storage.Storage`` is one),
+which the caller creates for object storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from model.config import ModelConfig
+from model.network import DanmulNet
+
+FORMAT = 1
+WEIGHTS, CONFIG, LABELS, METRICS = "model.safetensors", "config.json", "labels.json", "metrics.json"
+DEFAULT_TAG_THRESHOLD = 0.35
+
+
+class Reader(Protocol):
+    def read_bytes(self, rel: str) -> bytes: ...
+
+
+class Writer(Protocol):
+    def write_bytes(self, rel: str, data: bytes) -> None: ...
+
+
+class _LocalDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def read_bytes(self, rel: str) -> bytes:
+        p = self.path / rel
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: is {self.path} a danmul checkpoint?")
+        return p.read_bytes()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f".{rel}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(self.path / rel)
+
+
+@dataclass
+class Labels:
+    characters: list[str]
+    tags: list[str]
+    character_thresholds: list[float] = field(default_factory=list)  # abstain below; per class
+    tag_thresholds: list[float] = field(default_factory=list)  # per tag
+    abstain_precision: float | None = None  # the precision the character thresholds target
+
+    def __post_init__(self) -> None:
+        if not self.character_thresholds:
+            self.character_thresholds = [0.0] * len(self.characters)
+        if not self.tag_thresholds:
+            self.tag_thresholds = [DEFAULT_TAG_THRESHOLD] * len(self.tags)
+        if len(self.character_thresholds) != len(self.characters) or len(self.tag_thresholds) != len(self.tags):
+            raise ValueError("labels.json: thresholds do not match the label lists")
+
+
+@dataclass
+class Checkpoint:
+    net: DanmulNet
+    config: ModelConfig
+    labels: Labels
+    metrics: dict[str, Any]
+    version: str
+
+
+def weights_version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def save(dest: str | os.PathLike | Writer, net: DanmulNet, labels: Labels,
+         metrics: dict[str, Any] | None = None) -> str:
+    """Write the four files; returns the model version."""
+    writer = _LocalDir(dest) if isinstance(dest, str | os.PathLike) else dest
+    cfg = net.cfg
+    if (len(labels.characters), len(labels.tags)) != (cfg.num_characters, cfg.num_tags):
+        raise ValueError("labels do not match the network's heads")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    weights = save_safetensors(state, metadata={"format": str(FORMAT)})
+    version = weights_version(weights)
+    config = {"format": FORMAT, "version": version, "model": cfg.to_dict()}
+    writer.write_bytes(WEIGHTS, weights)
+    writer.write_bytes(LABELS, json.dumps(asdict(labels)).encode())
+    writer.write_bytes(METRICS, json.dumps(metrics or {}, indent=1).encode())
+    writer.write_bytes(CONFIG, json.dumps(config, indent=1).encode())  # last: marks it complete
+    return version
+
+
+def load(src: str | os.PathLike | Reader, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the network from ``config.json`` and load the weights; nothing is unpickled."""
+    reader = _LocalDir(src) if isinstance(src, str | os.PathLike) else src
+    config = json.loads(reader.read_bytes(CONFIG))
+    if config.get("format", 0) > FORMAT:
+        raise ValueError(f"checkpoint format {config['format']} is newer than this danmul ({FORMAT})")
+    cfg = ModelConfig.from_dict(config["model"])
+    weights = reader.read_bytes(WEIGHTS)
+    version = weights_version(weights)
+    if config.get("version") and config["version"] != version:
+        raise ValueError(f"weights do not match config.json (version {version} != {config['version']})")
+    net = DanmulNet(cfg)
+    net.load_state_dict(load_safetensors(weights), strict=True)
+    net.to(device).eval()
+    labels = Labels(**json.loads(reader.read_bytes(LABELS)))
+    try:
+        metrics = json.loads(reader.read_bytes(METRICS))
+    except FileNotFoundError:
+        metrics = {}
+    return Checkpoint(net=net, config=cfg, labels=labels, metrics=metrics, version=version)

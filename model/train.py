@@ -1,0 +1,141 @@
+"""One training step and the evaluation pass, in plain PyTorch.
+
+Front ends feed batches: the single-process paper-claim script (``ray_jobs/paper_claim.py``) and the
+Ray Train loop both call :func:`train_step` and :func:`evaluate`, so the distributed run trains the
+same way as the local one. A batch is a dict of tensors:
+
+    images      (B, 3, S, S) float, preprocessed
+    tag_ids     (B, T) long, the tags that came with each image ([CLS] tags [SEP] [PAD]...)
+    characters  (B,) long, class ids
+    tag_targets (B, K) float 0/1, the tags to predict
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from model import curriculum as cur
+from model.losses import LossConfig, total_loss
+from model.metrics import character_thresholds, f1_at_balance, tag_map, topk_accuracy
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.05  # fraction of steps with a linear LR warm-up, then cosine decay
+    grad_clip: float = 1.0
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+def make_optimizer(net: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings (1-D tensors and embedding tables)."""
+    decay, no_decay = [], []
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embed" in name or "modality" in name else decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    warm = max(1, int(cfg.warmup * total_steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, total_steps - warm)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def train_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    step: int,
+    total_steps: int,
+    optim: OptimConfig,
+    curriculum: cur.CurriculumConfig,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """One optimizer step at global ``step``; returns the logged values (losses, lr, curriculum)."""
+    state = cur.schedule(curriculum, step, total_steps)
+    tag_ids = cur.apply(batch["tag_ids"], state, generator)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, total_steps, optim)
+    net.train()
+    device = batch["images"].device
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        out = net(batch["images"], tag_ids)
+    loss, logs = total_loss(out, batch["characters"], batch["tag_targets"], optim.loss)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), optim.grad_clip)
+    optimizer.step()
+    logs.update(lr=optimizer.param_groups[0]["lr"], text_drop=state.drop, tag_mask=state.mask)
+    return logs
+
+
+@torch.inference_mode()
+def collect(net: nn.Module, batches: Iterable[dict[str, torch.Tensor]], image_only: bool,
+            autocast_dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
+    """Probabilities over a dataset: character softmax, tag sigmoid, and the labels."""
+    net.eval()
+    chars, tags, labels, targets = [], [], [], []
+    for batch in batches:
+        tag_ids = batch["tag_ids"]
+        if image_only:
+            tag_ids = cur.no_text(tag_ids.shape[0], tag_ids.shape[1], tag_ids.device)
+        device = batch["images"].device
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            out = net(batch["images"], tag_ids)
+        chars.append(torch.softmax(out["characters"].float(), -1).cpu().numpy())
+        tags.append(torch.sigmoid(out["tags"].float()).cpu().numpy())
+        labels.append(batch["characters"].cpu().numpy())
+        targets.append(batch["tag_targets"].cpu().numpy())
+    return {
+        "characters": np.concatenate(chars), "tags": np.concatenate(tags),
+        "labels": np.concatenate(labels), "targets": np.concatenate(targets),
+    }  # fmt: skip
+
+
+def summarize(scores: dict[str, np.ndarray]) -> dict[str, float]:
+    f1, threshold = f1_at_balance(scores["tags"], scores["targets"])
+    return {
+        "top1": topk_accuracy(scores["characters"], scores["labels"], 1),
+        "top5": topk_accuracy(scores["characters"], scores["labels"], 5),
+        "tag_map": tag_map(scores["tags"], scores["targets"]),
+        "tag_f1": f1,
+        "tag_threshold": threshold,
+        "images": len(scores["labels"]),
+    }
+
+
+def evaluate(net: nn.Module, batches_fn, autocast_dtype: torch.dtype | None = None) -> dict[str, dict[str, float]]:
+    """Metrics image-only and image+tags. ``batches_fn()`` returns a fresh iterable of batches."""
+    return {
+        "image_only": summarize(collect(net, batches_fn(), True, autocast_dtype)),
+        "image_tags": summarize(collect(net, batches_fn(), False, autocast_dtype)),
+    }
+
+
+def calibrate(net: nn.Module, batches_fn, target_precision: float = 0.9,
+              autocast_dtype: torch.dtype | None = None) -> tuple[list[float], list[float]]:
+    """Thresholds from a held-out split, image-only (the hardest case the predictor serves):
+    per-character abstention thresholds at ``target_precision``, and one tag threshold (where micro
+    precision equals recall) for every tag."""
+    scores = collect(net, batches_fn(), True, autocast_dtype)
+    char_t = character_thresholds(scores["characters"], scores["labels"], target_precision)
+    _, tag_t = f1_at_balance(scores["tags"], scores["targets"])
+    if not np.isfinite(tag_t):
+        tag_t = 0.5
+    return char_t.tolist(), [float(tag_t)] * scores["tags"].shape[1]

@@ -1,0 +1,75 @@
+"""In-memory batches from a (small) Dan:mul split, for single-process training and evaluation: the
+paper-claim script, the demo's quick checks and the model behaviour tests. The Ray Train job streams
+the same batches through Ray Data instead of holding a split in memory.
+
+Images are decoded once (bad ones are skipped and counted); augmentation and tensor conversion
+happen per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ingest.schema import DatasetInfo
+from ingest.shards import iter_examples, load_info
+from ingest.storage import Storage
+from model.config import ModelConfig
+from model.preprocess import ImageError, TrainAugment, decode, to_tensor
+from model.vocab import TagVocab
+
+
+@dataclass
+class Split:
+    images: list[Image.Image]
+    tags: list[list[str]]
+    characters: np.ndarray  # class ids
+    post_ids: np.ndarray
+    skipped: int  # undecodable images
+
+
+def load_split(data: Storage | str, split: str, info: DatasetInfo | None = None, limit: int | None = None) -> Split:
+    storage = data if isinstance(data, Storage) else Storage(data)
+    info = info or load_info(storage)
+    class_of = {c: i for i, c in enumerate(info.characters)}
+    images, tags, chars, ids, skipped = [], [], [], [], 0
+    for row in iter_examples(storage, split):
+        if limit is not None and len(images) >= limit:
+            break
+        try:
+            images.append(decode(row["image"]))
+        except ImageError:
+            skipped += 1
+            continue
+        tags.append(row["tags"])
+        chars.append(class_of[row["character"]])
+        ids.append(row["post_id"])
+    return Split(images, tags, np.asarray(chars, dtype=np.int64), np.asarray(ids, dtype=np.int64), skipped)
+
+
+def batches(split: Split, vocab: TagVocab, cfg: ModelConfig, batch_size: int, augment: TrainAugment | None = None,
+            shuffle_seed: int | None = None, device: torch.device | str = "cpu",
+            drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of batches (shuffled when ``shuffle_seed`` is given)."""
+    n = len(split.images)
+    order = np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else np.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        pixels = []
+        for i in idx:
+            img = split.images[i]
+            if augment is not None:
+                img = augment(img)
+            pixels.append(to_tensor(img, cfg.image_size, cfg.mean, cfg.std))
+        tag_lists = [split.tags[i] for i in idx]
+        yield {
+            "images": torch.stack(pixels).to(device),
+            "tag_ids": vocab.batch(tag_lists, cfg.max_tags).to(device),
+            "characters": torch.from_numpy(split.characters[idx]).to(device),
+            "tag_targets": vocab.multi_hot(tag_lists).to(device),
+        }

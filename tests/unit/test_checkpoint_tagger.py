@@ -1,0 +1,116 @@
+"""Checkpoint round trip (safetensors, no pickle) and the Tagger predictor."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from ingest.storage import Storage
+from model.checkpoint import Labels, load, save
+from model.config import preset
+from model.network import DanmulNet
+from model.preprocess import ImageError
+from model.tagger import Tagger
+
+CHARS = [f"char_{i}" for i in range(6)]
+TAGS = [f"tag_{i}" for i in range(20)]
+
+
+def jpeg(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path):
+    torch.manual_seed(0)
+    net = DanmulNet(preset("tiny", num_characters=len(CHARS), num_tags=len(TAGS), image_size=32, max_tags=8))
+    version = save(tmp_path / "ckpt", net, Labels(CHARS, TAGS), {"image_only": {"top1": 0.5}})
+    return tmp_path / "ckpt", net, version
+
+
+def test_round_trip_gives_identical_outputs(ckpt_dir):
+    path, net, version = ckpt_dir
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "labels.json", "metrics.json", "model.safetensors"]
+    ck = load(path)
+    assert ck.version == version and len(version) == 12
+    assert ck.metrics == {"image_only": {"top1": 0.5}} and ck.labels.characters == CHARS
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([[1, 7, 2, 0, 0, 0, 0, 0, 0, 0]] * 2)
+    net.eval()
+    with torch.no_grad():
+        a, b = net(x, t), ck.net(x, t)
+    assert torch.equal(a["characters"], b["characters"]) and torch.equal(a["tags"], b["tags"])
+    # the same weights give the same version; the config alone rebuilds the architecture
+    assert save(path.parent / "again", ck.net, ck.labels) == version
+    assert json.loads((path / "config.json").read_text())["model"]["image_size"] == 32
+
+
+def test_tampered_weights_are_refused(ckpt_dir):
+    path, _, _ = ckpt_dir
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="do not match"):
+        load(path)
+
+
+def test_loads_through_object_storage_interface(ckpt_dir, tmp_path):
+    path, _, version = ckpt_dir
+    store = Storage(str(tmp_path / "bucket-like"))
+    for f in path.iterdir():
+        store.write_bytes(f"models/v1/{f.name}", f.read_bytes())
+    assert Tagger.from_checkpoint(store.child("models/v1")).version == version
+    with pytest.raises(FileNotFoundError):
+        load(str(tmp_path / "nowhere"))
+
+
+def test_tagger_predicts_ranked_characters_and_tags(ckpt_dir):
+    path, _, version = ckpt_dir
+    tagger = Tagger.from_checkpoint(path)
+    images = [jpeg((200, 10, 10)), jpeg((10, 10, 200)), Image.new("RGBA", (20, 50), (0, 0, 0, 0))]
+    preds = tagger.predict(images, tags=[["tag_1", "tag_2"], None, []], top_k=3)
+    assert len(preds) == 3
+    for p in preds:
+        assert p.model == version and len(p.characters) == 3 and not p.abstained
+        scores = [s for _, s in p.characters]
+        assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+        assert {n for n, _ in p.characters} <= set(CHARS)
+        assert all(s >= 0.35 for s in p.tags.values())  # default tag threshold
+    # the tags given change the prediction; no tags and an empty list are the same input
+    with_tags = tagger.predict([images[0]], tags=[["tag_1", "tag_2"]])[0]
+    without = tagger.predict([images[0]])[0]
+    assert with_tags.characters != without.characters
+    assert tagger.predict([images[0]], tags=[[]])[0].characters == without.characters
+    # batching does not change results
+    tagger.batch_size = 1
+    one_by_one = [tagger.predict([im])[0].characters for im in images[:2]]
+    tagger.batch_size = 64
+    batched = [p.characters for p in tagger.predict(images[:2])]
+    for a, b in zip(one_by_one, batched, strict=True):
+        assert [n for n, _ in a] == [n for n, _ in b]
+        assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-5)
+
+
+def test_thresholds_abstain_and_filter(ckpt_dir):
+    path, _, _ = ckpt_dir
+    tagger = Tagger.from_checkpoint(path)
+    tagger.set_thresholds(tag_threshold=1.01, character_threshold=1.01)
+    p = tagger.predict([jpeg((0, 255, 0))])[0]
+    assert p.abstained and p.characters == [] and p.tags == {} and p.best_character[0] in CHARS
+    tagger.set_thresholds(tag_threshold=0.0, character_threshold=0.0)
+    p = tagger.predict([jpeg((0, 255, 0))])[0]
+    assert not p.abstained and len(p.tags) == len(TAGS)
+    assert list(p.tags.values()) == sorted(p.tags.values(), reverse=True)
+    assert p.to_dict()["characters"][0][0] == p.characters[0][0]
+
+
+def test_bad_image_is_a_clear_error(ckpt_dir):
+    tagger = Tagger.from_checkpoint(ckpt_dir[0])
+    with pytest.raises(ImageError):
+        tagger.predict([b"not an image"])
+    assert tagger.predict([]) == []
