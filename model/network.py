@@ -107,6 +107,18 @@ class DanmulNet(nn.Module):
         return self.forward_head(self.forward_features(images, tag_ids))
 
 
+def read_image_weights(data: bytes) -> dict[str, torch.Tensor]:
+    """A safetensors file of timm ViT weights (bytes read by the caller from disk or object
+    storage). Pickled ``.pth`` files are refused: convert them once with safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except (SafetensorError, ValueError) as e:
+        raise ValueError(f"pretrained image weights must be a safetensors file: {e}") from None
+
+
 def load_pretrained_image_weights(net: DanmulNet, state: dict[str, torch.Tensor]) -> None:
     """Load timm ViT weights (a state dict read from a local file or object storage by the caller)
     into the image encoder. Classifier weights are ignored; any other missing, unexpected or

@@ -49,6 +49,37 @@ def _bench_build(args: argparse.Namespace) -> int:
     return bench_main(args.lines or [100_000, 1_000_000], workdir=args.workdir, keep=args.keep)
 
 
+def _bench_paper(args: argparse.Namespace) -> int:
+    from ray_jobs.paper_claim import run
+
+    run(args.data, epochs=args.epochs, seed=args.seed, out=args.out, characters=args.characters,
+        images=args.images, image_size=args.image_size)
+    return 0
+
+
+def _tag(args: argparse.Namespace) -> int:
+    import json
+
+    from ingest.storage import Storage
+    from model.preprocess import ImageError
+    from model.tagger import Tagger
+    from model.vocab import parse_tag_string
+
+    tagger = Tagger.from_checkpoint(Storage(args.checkpoint, args.endpoint_url), device=args.device)
+    tagger.set_thresholds(tag_threshold=args.threshold)
+    given = parse_tag_string(args.tags) if args.tags else None
+    failures = 0
+    for uri in args.images:
+        try:
+            storage = Storage(uri, args.endpoint_url)
+            [pred] = tagger.predict([storage.read_bytes()], tags=[given], top_k=args.top_k)
+            print(json.dumps({"image": uri, **pred.to_dict()}))
+        except (ImageError, OSError) as e:
+            failures += 1
+            print(json.dumps({"image": uri, "error": str(e)}))
+    return 1 if failures else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ray_jobs.demo import run_demo
 
@@ -95,6 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="where to generate inputs (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the generated inputs and outputs")
     p.set_defaults(func=_bench_build)
+
+    p = bench_sub.add_parser("paper", help="the paper's claim on synthetic Dan:mul: image-only vs multimodal, "
+                             "with and without curriculum")
+    p.add_argument("--data", default=None, help="dataset URI (default: generate a synthetic one)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs per model (default: 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and of training (default: 0)")
+    p.add_argument("--characters", type=int, default=24, help="synthetic characters (default: 24)")
+    p.add_argument("--images", type=int, default=2400, help="synthetic images (default: 2400)")
+    p.add_argument("--image-size", type=int, default=64, help="image side and model input, px (default: 64)")
+    p.add_argument("--out", default=None, help="where to save the three checkpoints (default: not saved)")
+    p.set_defaults(func=_bench_paper)
+
+    p = sub.add_parser("tag", help="tag image files with a checkpoint (one JSON line per image)")
+    p.add_argument("images", nargs="+", help="image paths or s3:// URIs")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or s3:// URI")
+    p.add_argument("--tags", default=None, help='tags that came with the images, e.g. "1girl solo"')
+    p.add_argument("--threshold", type=float, default=None,
+                   help="tag threshold for every tag (default: the checkpoint's calibrated ones)")
+    p.add_argument("--top-k", type=int, default=5, help="characters to list (default: 5)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    p.set_defaults(func=_tag)
 
     p = sub.add_parser("demo", help="run the whole system end to end on embedded defaults")
     p.add_argument("--out", default="demo-out", help="folder for the demo's data, model and results")

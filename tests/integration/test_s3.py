@@ -89,3 +89,39 @@ def test_synth_into_s3_is_read_by_ray_data(s3_bucket):
         ray.shutdown()
     assert len(rows) == info.splits["train"]
     assert {r["character"] for r in rows} == set(info.characters)
+
+
+def test_checkpoint_in_s3_tags_images_in_s3_through_the_cli(s3_bucket, tmp_path):
+    """``danmul tag`` with the checkpoint and an image in object storage, and a broken local file:
+    one JSON line each, the broken one an error, exit status 1."""
+    import io
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from PIL import Image
+
+    from model.checkpoint import Labels, save
+    from model.config import preset
+    from model.network import DanmulNet
+
+    torch.manual_seed(0)
+    net = DanmulNet(preset("tiny", num_characters=3, num_tags=4, image_size=32))
+    models = Storage(f"{s3_bucket}/models/tiny")
+    version = save(models, net, Labels(["a", "b", "c"], ["t0", "t1", "t2", "t3"]))
+    buf = io.BytesIO()
+    Image.new("RGB", (50, 40), (200, 100, 0)).save(buf, format="JPEG")
+    Storage(s3_bucket).write_bytes("uploads/1.jpg", buf.getvalue())
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(buf.getvalue()[:100])
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_jobs.cli", "tag", f"{s3_bucket}/uploads/1.jpg", str(broken),
+         "--checkpoint", models.uri, "--tags", "t1 unknown_tag", "--top-k", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    good, bad = (json.loads(line) for line in proc.stdout.splitlines())
+    assert good["model"] == version and len(good["characters"]) == 2
+    assert {c[0] for c in good["characters"]} <= {"a", "b", "c"}
+    assert bad["image"] == str(broken) and "truncated" in bad["error"]

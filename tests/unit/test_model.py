@@ -184,3 +184,23 @@ def test_character_thresholds_reach_target_precision():
         assert sel.sum() > 50
         assert (pred[sel] == labels[sel]).mean() >= 0.9
     assert (character_thresholds(probs, labels, target_precision=1.01) == 1.0).all()  # unreachable: abstain
+
+
+def test_pretrained_weights_from_a_file_and_clear_errors(cfg, tmp_path):
+    from safetensors.torch import save_file
+
+    from ray_jobs.model_io import build_net
+
+    donor = DanmulNet(cfg)
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in donor.image_encoder.vit.state_dict().items()}, str(path))
+    net = build_net(preset("tiny", num_characters=7, num_tags=len(TAGS), image_size=32, max_tags=8,
+                           pretrained_image=str(path)))
+    for k, v in net.image_encoder.vit.state_dict().items():
+        assert torch.equal(v, donor.image_encoder.vit.state_dict()[k])
+    pickled = tmp_path / "vit.pth"
+    torch.save(donor.image_encoder.vit.state_dict(), pickled)
+    with pytest.raises(ValueError, match="safetensors"):
+        build_net(preset("tiny", num_characters=7, num_tags=len(TAGS), image_size=32, pretrained_image=str(pickled)))
+    with pytest.raises(FileNotFoundError):
+        build_net(preset("tiny", num_characters=7, num_tags=len(TAGS), pretrained_image=str(tmp_path / "none")))
