@@ -126,3 +126,37 @@ def load(src: str | os.PathLike | Reader, device: str | torch.device = "cpu") ->
     except FileNotFoundError:
         metrics = {}
     return Checkpoint(net=net, config=cfg, labels=labels, metrics=metrics, version=version)
+
+
+# -- training state (for resuming; also without pickle) ------------------------------------------------
+TRAIN_STATE_TENSORS, TRAIN_STATE_JSON = "optimizer.safetensors", "train_state.json"
+
+
+def save_train_state(dest: str | os.PathLike | Writer, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Optimizer tensors to safetensors, everything else (param groups, ``state`` such as epoch and
+    global step) to JSON, next to the model files of a checkpoint."""
+    writer = _LocalDir(dest) if isinstance(dest, str | os.PathLike) else dest
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, slots in sd["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    writer.write_bytes(TRAIN_STATE_TENSORS, save_safetensors(tensors))
+    writer.write_bytes(TRAIN_STATE_JSON, json.dumps(
+        {"param_groups": sd["param_groups"], "scalars": scalars, "state": state}).encode())
+
+
+def load_train_state(src: str | os.PathLike | Reader, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore the optimizer saved by :func:`save_train_state`; returns its ``state`` dict."""
+    reader = _LocalDir(src) if isinstance(src, str | os.PathLike) else src
+    meta = json.loads(reader.read_bytes(TRAIN_STATE_JSON))
+    tensors = load_safetensors(reader.read_bytes(TRAIN_STATE_TENSORS))
+    slots: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, name = key.split(".", 1)
+        slots.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+    return meta["state"]

@@ -49,6 +49,28 @@ def _bench_build(args: argparse.Namespace) -> int:
     return bench_main(args.lines or [100_000, 1_000_000], workdir=args.workdir, keep=args.keep)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from ray_jobs.train import TrainConfig, run
+
+    cfg = cfgmod.resolve(TrainConfig, args, args.config)
+    try:
+        run(cfg)
+    finally:
+        import ray
+
+        if ray.is_initialized() and not cfg.address:
+            ray.shutdown()
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ray_jobs.train import evaluate_checkpoint, format_eval
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.endpoint_url)
+    print(format_eval(metrics, f"{args.split} split"))
+    return 0
+
+
 def _bench_paper(args: argparse.Namespace) -> int:
     from ray_jobs.paper_claim import run
 
@@ -117,6 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", help="dataset URI (local folder or s3://bucket/prefix)")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.set_defaults(func=_data_stats)
+
+    p = sub.add_parser("train", help="train with Ray Train (DDP) fed by Ray Data; resumes the same OUT/NAME")
+    from ray_jobs.train import TrainConfig
+
+    cfgmod.add_arguments(p, TrainConfig)
+    p.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override it")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a split, image-only and with tags")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or s3:// URI")
+    p.add_argument("--data", required=True, help="dataset URI")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (default: test)")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    p.set_defaults(func=_eval)
 
     bench = sub.add_parser("bench", help="benchmarks (figures go in the README)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")

@@ -73,3 +73,34 @@ def batches(split: Split, vocab: TagVocab, cfg: ModelConfig, batch_size: int, au
             "characters": torch.from_numpy(split.characters[idx]).to(device),
             "tag_targets": vocab.multi_hot(tag_lists).to(device),
         }
+
+
+def stream_batches(data: Storage, split: str, info: DatasetInfo, vocab: TagVocab, cfg: ModelConfig,
+                   batch_size: int, device: torch.device | str = "cpu",
+                   skipped: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches straight from the shards, one row group at a time: memory stays bounded whatever the
+    split's size. Undecodable images are skipped; their count is added to ``skipped[0]``."""
+    class_of = {c: i for i, c in enumerate(info.characters)}
+    chunk = Split([], [], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0)
+    labels: list[int] = []
+
+    def flush() -> Iterator[dict[str, torch.Tensor]]:
+        chunk.characters = np.asarray(labels, dtype=np.int64)
+        yield from batches(chunk, vocab, cfg, batch_size, device=device)
+        chunk.images.clear()
+        chunk.tags.clear()
+        labels.clear()
+
+    for row in iter_examples(data, split, columns=["image", "character", "tags"]):
+        try:
+            chunk.images.append(decode(row["image"]))
+        except ImageError:
+            if skipped is not None:
+                skipped[0] += 1
+            continue
+        chunk.tags.append(row["tags"])
+        labels.append(class_of[row["character"]])
+        if len(labels) == batch_size:
+            yield from flush()
+    if labels:
+        yield from flush()

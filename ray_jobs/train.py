@@ -1,0 +1,432 @@
+"""``danmul train``: distributed data-parallel training with Ray Train, fed by Ray Data.
+
+    shards (local or s3://) --Ray Data: read, decode, augment (CPU tasks)--> get_dataset_shard
+        --> one TorchTrainer worker per GPU (CPU workers otherwise), DDP, bf16 autocast on GPU
+        --> every epoch: validation, ray.train.report + checkpoint to {out}/{name}/, best K kept
+        --> at the end: best checkpoint exported to {out}/{name}/model (Tagger layout), thresholds
+            calibrated on val, test split evaluated image-only and with tags, metrics.json written
+
+Thin: the step, the evaluation and the checkpoint format are ``model/``'s; the reading is
+``ingest/``'s. Re-running the same command with the same ``--out`` and ``--name`` resumes from the
+last checkpoint (Ray Train V2 semantics); a worker that dies mid-run is restarted from it
+(``--max-failures``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ingest.schema import DatasetInfo
+from ingest.shards import load_info
+from ingest.storage import Storage
+from model import train as T
+from model.checkpoint import CONFIG, LABELS, METRICS, WEIGHTS, Labels, load, load_train_state, save, save_train_state
+from model.config import ModelConfig, preset
+from model.curriculum import CurriculumConfig
+from model.losses import LossConfig
+from model.preprocess import ImageError, TrainAugment, decode, to_tensor
+from model.vocab import TagVocab
+
+FAULT_ENV = "DANMUL_TEST_FAULT"  # test-only hook: "epoch:rank:marker-file" kills that worker once
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(metadata={"help": "Dan:mul dataset URI (local folder or s3://bucket/prefix)"})
+    out: str = field(metadata={"help": "where runs live (local folder or s3://...); the run is OUT/NAME"})
+    name: str = field(default="danmul", metadata={"help": "run name; the same OUT and NAME resume a run"})
+    preset: str = field(default="tiny", metadata={"help": "model preset: tiny or base"})
+    image_size: int | None = field(default=None, metadata={"help": "model input size (default: the preset's)"})
+    pretrained_image: str | None = field(default=None, metadata={"help": "safetensors ViT weights, path or s3://"})
+    epochs: int = field(default=10, metadata={"help": "training epochs"})
+    batch_size: int = field(default=64, metadata={"help": "batch size per worker"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW, warm-up then cosine)"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "character cross-entropy label smoothing"})
+    tag_loss: str = field(default="asl", metadata={"help": "tag loss: asl or bce"})
+    curriculum: str = field(default="cosine", metadata={"help": "none, constant, linear or cosine"})
+    curriculum_warmup: float = field(default=0.1, metadata={"help": "share of training with all tags"})
+    curriculum_ramp: float = field(default=0.6, metadata={"help": "share of training spent ramping up"})
+    max_drop: float = field(default=0.75, metadata={"help": "final chance of dropping all tags of a sample"})
+    max_mask: float = field(default=0.5, metadata={"help": "final share of individual tags removed"})
+    workers: int = field(default=0, metadata={"help": "training workers (0: one per GPU, else 2)"})
+    gpus_per_worker: float = field(default=-1, metadata={"help": "GPUs per worker (-1: 1 if the cluster has GPUs)"})
+    cpus_per_worker: float = field(default=1, metadata={"help": "CPUs reserved per training worker"})
+    data_cpus: int = field(default=2, metadata={"help": "extra CPUs for Ray Data decoding on a local Ray"})
+    address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: start a local Ray)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "best checkpoints kept"})
+    checkpoint_metric: str = field(default="val_image_only_top1", metadata={"help": "metric that ranks checkpoints"})
+    max_failures: int = field(default=3, metadata={"help": "worker failures tolerated (restart from checkpoint)"})
+    target_precision: float = field(default=0.9, metadata={"help": "precision the abstention thresholds target"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (else AWS_ENDPOINT_URL)"})
+
+    def curriculum_config(self) -> CurriculumConfig:
+        return CurriculumConfig(kind=self.curriculum, warmup=self.curriculum_warmup, ramp=self.curriculum_ramp,
+                                max_drop=self.max_drop, max_mask=self.max_mask)
+
+    def optim_config(self) -> T.OptimConfig:
+        return T.OptimConfig(lr=self.lr, weight_decay=self.weight_decay,
+                             loss=LossConfig(label_smoothing=self.label_smoothing, tag_loss=self.tag_loss))
+
+    def model_config(self, info: DatasetInfo) -> ModelConfig:
+        overrides: dict[str, Any] = {"num_characters": info.num_characters, "num_tags": len(info.tags)}
+        if self.image_size:
+            overrides["image_size"] = self.image_size
+        if self.pretrained_image:
+            overrides["pretrained_image"] = self.pretrained_image
+        return preset(self.preset, **overrides)
+
+
+# -- Ray Data: decoding on CPU tasks ------------------------------------------------------------------
+
+
+def decode_batch(batch: dict[str, np.ndarray], characters: list[str], tags: list[str], image_size: int,
+                 mean: list[float], std: list[float], max_tags: int, augment: bool) -> dict[str, np.ndarray]:
+    """Shard rows -> model inputs. A row whose image does not decode keeps its place with ``ok = 0``,
+    so the training worker can count it and skip it."""
+    class_of = {c: i for i, c in enumerate(characters)}
+    vocab = TagVocab(tags)
+    aug = TrainAugment() if augment else None
+    n = len(batch["image"])
+    pixels = np.zeros((n, 3, image_size, image_size), dtype=np.float32)
+    ok = np.ones(n, dtype=bool)
+    tag_lists = []
+    for i in range(n):
+        tag_lists.append([str(t) for t in batch["tags"][i]])
+        try:
+            img = decode(bytes(batch["image"][i]))
+        except ImageError:
+            ok[i] = False
+            continue
+        pixels[i] = to_tensor(aug(img) if aug else img, image_size, mean, std).numpy()
+    return {
+        "pixels": pixels,
+        "tag_ids": vocab.batch(tag_lists, max_tags).numpy(),
+        "tag_targets": vocab.multi_hot(tag_lists).numpy().astype(np.uint8),
+        "character": np.asarray([class_of.get(str(c), -1) for c in batch["character"]], dtype=np.int64),
+        "ok": ok,
+    }
+
+
+def make_dataset(storage: Storage, split: str, info: DatasetInfo, mcfg: ModelConfig, augment: bool):
+    import ray.data
+
+    ds = ray.data.read_parquet(storage.path(split), filesystem=storage.fs).select_columns(
+        ["image", "character", "tags"])
+    return ds.map_batches(
+        decode_batch, batch_size=64, batch_format="numpy",
+        fn_kwargs=dict(characters=info.characters, tags=info.tags, image_size=mcfg.image_size,
+                       mean=list(mcfg.mean), std=list(mcfg.std), max_tags=mcfg.max_tags, augment=augment),
+    )  # fmt: skip
+
+
+# -- the training loop, on every worker -----------------------------------------------------------------
+
+
+def _maybe_fail(epoch: int, rank: int) -> None:
+    """Test-only fault injection: ``DANMUL_TEST_FAULT=epoch:rank:marker`` kills that worker process
+    after the first step of that epoch (0-based), once (the marker file records that it happened)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    at_epoch, at_rank, marker = spec.split(":", 2)
+    if epoch == int(at_epoch) and rank == int(at_rank) and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(f"killed rank {rank} at epoch {epoch}\n")
+        os._exit(1)
+
+
+def _next_good(it, device) -> dict[str, torch.Tensor] | None:
+    """The next batch with at least one decodable image (bad rows dropped), or None at the end."""
+    bad = 0
+    for batch in it:
+        ok = batch["ok"].bool()
+        bad += int((~ok).sum())
+        if ok.any():
+            return {
+                "images": batch["pixels"][ok].to(device),
+                "tag_ids": batch["tag_ids"][ok].to(device),
+                "characters": batch["character"][ok].to(device),
+                "tag_targets": batch["tag_targets"][ok].float().to(device),
+                "bad": bad,
+            }
+    return {"bad": bad} if bad else None
+
+
+def _all_reduce(value: float, op: str = "sum") -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}[op])
+    return float(t.item())
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig(**config["train"])
+    mcfg = ModelConfig.from_dict(config["model"])
+    characters, tags = config["characters"], config["tags"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    use_bf16 = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+
+    from ray_jobs.model_io import build_net
+
+    net = build_net(mcfg, cfg.endpoint_url)
+    start_epoch, step, resumed = 0, 0, ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as d:
+            net.load_state_dict(load(d).net.state_dict())
+    net = ray.train.torch.prepare_model(net)
+    inner = net.module if hasattr(net, "module") else net
+    optim = cfg.optim_config()
+    optimizer = T.make_optimizer(net, optim)
+    if resumed:
+        with resumed.as_directory() as d:
+            state = load_train_state(d, optimizer)
+        start_epoch, step = int(state["epoch"]), int(state["global_step"])
+        if rank == 0:
+            print(f"[danmul] resuming after epoch {start_epoch} (global step {step})", flush=True)
+    curriculum = cfg.curriculum_config()
+    steps_per_epoch = max(1, config["num_train"] // (cfg.batch_size * world))
+    total_steps = cfg.epochs * steps_per_epoch
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    train_shard = ray.train.get_dataset_shard("train")
+    labels = Labels(characters, tags)
+
+    progress = Storage(config["run_dir"], cfg.endpoint_url) if rank == 0 else None
+    for epoch in range(start_epoch, cfg.epochs):
+        if progress:
+            _log_progress(progress, {"event": "start", "epoch": epoch + 1, "global_step": step})
+        t0 = time.perf_counter()
+        it = iter(train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size, local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch
+        ))
+        losses, samples, bad, logs = [], 0, 0, {}
+        while True:
+            batch = _next_good(it, device)
+            bad += batch.pop("bad", 0) if batch else 0
+            have = 1.0 if batch and "images" in batch else 0.0
+            if _all_reduce(have, "min") == 0:  # every worker steps together, or none does (DDP)
+                break
+            logs = T.train_step(net, optimizer, batch, step, total_steps, optim, curriculum, generator,
+                                torch.bfloat16 if use_bf16 else None)
+            losses.append(logs["loss"])
+            samples += len(batch["characters"])
+            step += 1
+            if len(losses) == 1:
+                _maybe_fail(epoch, rank)
+        seconds = time.perf_counter() - t0
+        metrics = {
+            "epoch": epoch + 1,
+            "global_step": step,
+            "train_loss": _all_reduce(float(np.mean(losses)) if losses else 0.0) / world,
+            "samples_per_s": _all_reduce(samples / seconds),
+            "bad_images": int(_all_reduce(bad)),
+            "text_drop": logs.get("text_drop", 0.0),
+            "tag_mask": logs.get("tag_mask", 0.0),
+            "epoch_seconds": seconds,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                val_shard = ray.train.get_dataset_shard("val")
+                v = T.evaluate(inner, lambda s=val_shard: _val_batches(s, device), torch.bfloat16 if use_bf16 else None)
+                for mode, values in v.items():
+                    metrics |= {f"val_{mode}_{k}": float(x) for k, x in values.items()}
+                save(tmp, inner, labels, {"validation": v, "epoch": epoch + 1})
+                save_train_state(tmp, optimizer, {"epoch": epoch + 1, "global_step": step})
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                print(f"[danmul] epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.3f}  "
+                      f"val top-1 image-only {metrics['val_image_only_top1']:.3f} / with tags "
+                      f"{metrics['val_image_tags_top1']:.3f}  drop {metrics['text_drop']:.2f}  "
+                      f"{metrics['samples_per_s']:.0f} samples/s  bad images {metrics['bad_images']}", flush=True)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if progress:
+            _log_progress(progress, {"event": "end", **metrics})
+
+
+PROGRESS = "progress.jsonl"
+
+
+def _log_progress(run_dir: Storage, event: dict[str, Any]) -> None:
+    """Append one JSON line to the run's progress log (read-modify-write: object stores cannot append;
+    the file stays small, a few lines an epoch)."""
+    import json
+
+    old = run_dir.read_bytes(PROGRESS) if run_dir.exists(PROGRESS) else b""
+    run_dir.write_bytes(PROGRESS, old + json.dumps({"time": time.time(), **event}).encode() + b"\n")
+
+
+def read_progress(run_dir: Storage) -> list[dict[str, Any]]:
+    import json
+
+    if not run_dir.exists(PROGRESS):
+        return []
+    return [json.loads(line) for line in run_dir.read_text(PROGRESS).splitlines() if line.strip()]
+
+
+def _val_batches(shard, device):
+    for batch in shard.iter_torch_batches(batch_size=128):
+        ok = batch["ok"].bool()
+        if ok.any():
+            yield {"images": batch["pixels"][ok].to(device), "tag_ids": batch["tag_ids"][ok].to(device),
+                   "characters": batch["character"][ok].to(device), "tag_targets": batch["tag_targets"][ok].float()}
+
+
+# -- the driver -----------------------------------------------------------------------------------------
+
+
+def _ensure_ray(cfg: TrainConfig, workers: int) -> None:
+    import ray
+    import ray.data
+
+    if ray.is_initialized():
+        return
+    if cfg.address:
+        ray.init(address=cfg.address)
+        return
+    # A local Ray gets the training workers' CPUs plus some for Ray Data's decoding tasks, or the
+    # two would wait on each other (logical CPUs: on a small machine they share the cores).
+    cpus = max(os.cpu_count() or 1, int(workers * cfg.cpus_per_worker) + cfg.data_cpus)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
+    """Train (or resume), export the best checkpoint, evaluate it; returns the test metrics."""
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
+
+    from ray_jobs.config import dump
+
+    data = Storage(cfg.data, cfg.endpoint_url)
+    info = load_info(data)
+    mcfg = cfg.model_config(info)
+    out = Storage(cfg.out, cfg.endpoint_url)
+    run_dir = out.child(cfg.name)
+    run_dir.write_text("danmul-train.yaml", dump(cfg))
+
+    gpus_available = 0
+    _ensure_ray(cfg, cfg.workers or 2)
+    gpus_available = int(ray.cluster_resources().get("GPU", 0))
+    gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1 if gpus_available else 0)
+    workers = cfg.workers or (max(1, int(gpus_available // gpus)) if gpus else 2)
+    log(f"training {cfg.preset} ({mcfg.image_model} at {mcfg.image_size}px, {info.num_characters} characters, "
+        f"{len(info.tags)} tags) on {workers} worker(s) x {gpus or 0:g} GPU, run {run_dir.uri}")
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": dataclasses.asdict(cfg), "model": mcfg.to_dict(), "characters": info.characters,
+            "tags": info.tags, "num_train": info.splits["train"], "run_dir": run_dir.uri,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=gpus > 0,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": gpus} if gpus else {})},
+        ),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=out.path(), storage_filesystem=out.fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # our own per-epoch line says enough
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                               checkpoint_score_attribute=cfg.checkpoint_metric,
+                                               checkpoint_score_order="max"),
+        ),
+        datasets={"train": make_dataset(data, "train", info, mcfg, augment=True),
+                  "val": make_dataset(data, "val", info, mcfg, augment=False)},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )  # fmt: skip
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if cfg.checkpoint_metric in m]
+    if not ranked:
+        raise RuntimeError("training reported no checkpoint")
+    best, best_metrics = max(ranked, key=lambda cm: cm[1][cfg.checkpoint_metric])
+    log(f"best checkpoint: epoch {best_metrics['epoch']} ({cfg.checkpoint_metric} "
+        f"{best_metrics[cfg.checkpoint_metric]:.3f})")
+    epochs_run = [e["epoch"] for e in read_progress(run_dir) if e["event"] == "end"]
+    return export_and_evaluate(best, run_dir.child("model"), data, info, cfg, epochs_run, log)
+
+
+def export_and_evaluate(best, dest: Storage, data: Storage, info: DatasetInfo, cfg: TrainConfig,
+                        epochs_run: list[int], log=print) -> dict[str, Any]:
+    """Copy the best checkpoint's model files to ``dest`` (the Tagger layout), calibrate thresholds on
+    val, evaluate on test, and write labels.json and metrics.json there."""
+    with best.as_directory() as d:
+        for name in (WEIGHTS, CONFIG, LABELS, METRICS):
+            with open(os.path.join(d, name), "rb") as f:
+                dest.write_bytes(name, f.read())
+    ckpt = load(dest)
+    vocab = TagVocab(info.tags)
+    net, mcfg = ckpt.net, ckpt.config
+    from ray_jobs.local_data import stream_batches
+
+    skipped = [0]
+    char_t, tag_t = T.calibrate(net, lambda: stream_batches(data, "val", info, vocab, mcfg, 128, skipped=skipped),
+                                cfg.target_precision)
+    test = T.evaluate(net, lambda: stream_batches(data, "test", info, vocab, mcfg, 128, skipped=skipped))
+    metrics = {"test": test, "validation": ckpt.metrics.get("validation"), "best_epoch": ckpt.metrics.get("epoch"),
+               "epochs_run": epochs_run, "skipped_images": skipped[0], "model": ckpt.version}
+    dest.write_bytes(LABELS, _labels_json(Labels(info.characters, info.tags, char_t, tag_t, cfg.target_precision)))
+    dest.write_bytes(METRICS, _json(metrics))
+    log(format_eval(test, f"test split, model {ckpt.version}"))
+    log(f"exported to {dest.uri}")
+    return metrics
+
+
+def _json(obj: Any) -> bytes:
+    import json
+
+    return json.dumps(obj, indent=1, default=float).encode()
+
+
+def _labels_json(labels: Labels) -> bytes:
+    return _json(dataclasses.asdict(labels))
+
+
+def format_eval(metrics: dict[str, dict[str, float]], title: str) -> str:
+    rows = [f"| {title} | top-1 | top-5 | tag mAP | tag F1 (P=R) | images |", "|---|---|---|---|---|---|"]
+    for mode, label in (("image_only", "image only"), ("image_tags", "image + tags")):
+        m = metrics[mode]
+        rows.append(f"| {label} | {m['top1']:.3f} | {m['top5']:.3f} | {m['tag_map']:.3f} | {m['tag_f1']:.3f} "
+                    f"| {m['images']} |")
+    return "\n".join(rows)
+
+
+def evaluate_checkpoint(checkpoint: str, data_uri: str, split: str = "test", endpoint_url: str | None = None,
+                        batch_size: int = 128) -> dict[str, dict[str, float]]:
+    """``danmul eval``: the same table for any checkpoint and split (one process, streaming)."""
+    from ray_jobs.local_data import stream_batches
+
+    ckpt = load(Storage(checkpoint, endpoint_url))
+    data = Storage(data_uri, endpoint_url)
+    info = load_info(data)
+    if info.characters != ckpt.labels.characters:
+        raise ValueError("the checkpoint's characters differ from the dataset's: not trained on this dataset")
+    vocab = TagVocab(info.tags)
+    return T.evaluate(ckpt.net, lambda: stream_batches(data, split, info, vocab, ckpt.config, batch_size))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: danmul train ...")
