@@ -224,6 +224,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             bad += batch.pop("bad", 0) if batch else 0
             have = 1.0 if batch and "images" in batch else 0.0
             if _all_reduce(have, "min") == 0:  # every worker steps together, or none does (DDP)
+                # drain this worker's leftovers (at most a batch or so) so every bad row is counted
+                bad += sum(int((~b["ok"].bool()).sum()) for b in it)
                 break
             logs = T.train_step(net, optimizer, batch, step, total_steps, optim, curriculum, generator,
                                 torch.bfloat16 if use_bf16 else None)
