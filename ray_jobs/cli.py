@@ -71,11 +71,23 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_train(args: argparse.Namespace) -> int:
+    from ray_jobs.bench_train import main as bench_main
+
+    return bench_main(epochs=args.epochs, workers=args.workers, image_size=args.image_size)
+
+
 def _bench_paper(args: argparse.Namespace) -> int:
     from ray_jobs.paper_claim import run
 
-    run(args.data, epochs=args.epochs, seed=args.seed, out=args.out, characters=args.characters,
-        images=args.images, image_size=args.image_size)
+    try:
+        run(args.data, epochs=args.epochs, seed=args.seed, out=args.out, characters=args.characters,
+            images=args.images, image_size=args.image_size, workers=args.workers)
+    finally:
+        if args.workers:
+            import ray
+
+            ray.shutdown()
     return 0
 
 
@@ -163,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the generated inputs and outputs")
     p.set_defaults(func=_bench_build)
 
+    p = bench_sub.add_parser("train", help="Ray Train + Ray Data input pipeline vs. in-memory tensors")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per run; the first is excluded (default: 4)")
+    p.add_argument("--workers", type=int, default=2, help="training workers (default: 2)")
+    p.add_argument("--image-size", type=int, default=64, help="image side, px (default: 64)")
+    p.set_defaults(func=_bench_train)
+
     p = bench_sub.add_parser("paper", help="the paper's claim on synthetic Dan:mul: image-only vs multimodal, "
                              "with and without curriculum")
     p.add_argument("--data", default=None, help="dataset URI (default: generate a synthetic one)")
@@ -172,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=2400, help="synthetic images (default: 2400)")
     p.add_argument("--image-size", type=int, default=64, help="image side and model input, px (default: 64)")
     p.add_argument("--out", default=None, help="where to save the three checkpoints (default: not saved)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="train each model with danmul train on this many Ray workers (default: 0, one process)")
     p.set_defaults(func=_bench_paper)
 
     p = sub.add_parser("tag", help="tag image files with a checkpoint (one JSON line per image)")

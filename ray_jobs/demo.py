@@ -2,9 +2,9 @@
 
 Each step says what it is doing; a failing step is named, with its reason, and the exit is non-zero.
 Steps land with their issues: today the demo generates a synthetic Dan:mul dataset, trains the tiny
-model with the curriculum (in one process until the Ray Train job lands), evaluates it image-only
-and with tags, exports a calibrated checkpoint, and tags a few test images through ``Tagger``. The
-streaming tagger and the backfill join as they are built.
+model with Ray Train (2 workers) and the curriculum, evaluates it image-only and with tags, exports a
+calibrated checkpoint, and tags a few test images through ``Tagger``. The streaming tagger and the
+backfill join as they are built.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class DemoSettings:
     characters: int = 24
     images: int = 2400
     image_size: int = 64
-    epochs: int = 15
+    epochs: int = 12
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -65,33 +65,19 @@ def run_demo(out: str, quick: bool = False) -> int:
         info = synthesize(cfg)
         print(format_stats(info))
 
-    model_dir = os.path.join(out, "model")
+    runs = os.path.join(out, "runs")
+    model_dir = os.path.join(runs, "demo", "model")
 
     def train() -> None:
-        import torch
+        from ingest.storage import Storage
+        from ray_jobs.train import TrainConfig, run
 
-        from ingest.shards import load_info
-        from model import train as T
-        from model.checkpoint import Labels, save
-        from model.network import DanmulNet
-        from model.vocab import TagVocab
-        from ray_jobs.local_data import batches, load_split
-        from ray_jobs.paper_claim import VARIANTS, FitConfig, fit, format_table, model_config_for
-
-        info = load_info(data_uri)
-        splits = {s: load_split(data_uri, s, info) for s in ("train", "val", "test")}
-        vocab, cfg = TagVocab(info.tags), model_config_for(info, image_size=settings.image_size)
-        torch.manual_seed(0)
-        net = DanmulNet(cfg)
-        print(f"training the tiny model ({sum(p.numel() for p in net.parameters()) / 1e6:.1f} M parameters) for "
-              f"{settings.epochs} epochs on {len(splits['train'].images):,} images, curriculum on", flush=True)
-        fit(net, splits["train"], vocab, FitConfig(epochs=settings.epochs), VARIANTS["multimodal, curriculum"],
-            log=lambda line: print(line, flush=True))
-        metrics = T.evaluate(net, lambda: batches(splits["test"], vocab, cfg, 128))
-        print(format_table({"tiny, curriculum": metrics}, len(splits["test"].images)))
-        char_t, tag_t = T.calibrate(net, lambda: batches(splits["val"], vocab, cfg, 128), target_precision=0.9)
-        version = save(model_dir, net, Labels(info.characters, info.tags, char_t, tag_t, 0.9), metrics)
-        print(f"checkpoint {version} written to {model_dir}")
+        Storage(runs).delete_prefix("demo")  # a fresh run, not a resume of an earlier demo
+        cfg = TrainConfig(data=data_uri, out=runs, name="demo", epochs=settings.epochs, workers=2,
+                          image_size=settings.image_size, batch_size=32)
+        print(f"danmul train: tiny preset, 2 Ray Train workers, {cfg.epochs} epochs, curriculum "
+              f"{cfg.curriculum} (up to {cfg.max_drop:.0%} of samples without tags)", flush=True)
+        run(cfg, log=lambda line: print(line, flush=True))
 
     def tag() -> None:
         from ingest.shards import iter_examples
@@ -110,10 +96,15 @@ def run_demo(out: str, quick: bool = False) -> int:
 
     try:
         _step(1, "generate a synthetic Dan:mul dataset", synth)
-        _step(2, "train the tiny multimodal model with curriculum learning, evaluate, export", train)
+        _step(2, "train the tiny multimodal model with Ray Train and curriculum learning, evaluate, export",
+              train)
         _step(3, "tag test images with the exported checkpoint", tag)
     except StepFailed as e:
         print(f"\ndemo failed: {e}", file=sys.stderr)
         return 1
+    finally:
+        import ray
+
+        ray.shutdown()
     print(f"\ndemo finished; everything is under {out}")
     return 0

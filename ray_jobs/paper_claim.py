@@ -85,9 +85,11 @@ def model_config_for(info, preset_name: str = "tiny", image_size: int | None = N
 
 
 def run(data: str | None, epochs: int, seed: int, out: str | None = None, characters: int = 24,
-        images: int = 2400, image_size: int = 64, log: Callable[[str], None] = print) -> dict[str, dict]:
+        images: int = 2400, image_size: int = 64, workers: int = 0,
+        log: Callable[[str], None] = print) -> dict[str, dict]:
     """Generate (unless ``data`` is given) a synthetic dataset, train the three variants, evaluate.
-    Returns ``{variant: {"image_only": metrics, "image_tags": metrics}}``."""
+    With ``workers`` > 0 each variant trains through ``danmul train`` (Ray Train, that many workers)
+    instead of in this process. Returns ``{variant: {"image_only": metrics, "image_tags": metrics}}``."""
     tmp = None
     if data is None:
         from ingest.synth import SynthConfig, synthesize
@@ -97,6 +99,9 @@ def run(data: str | None, epochs: int, seed: int, out: str | None = None, charac
         log(f"generating synthetic Dan:mul: {characters} characters, {images} images, {image_size}px, seed {seed}")
         synthesize(SynthConfig(out=data, characters=characters, images=images, image_size=image_size, seed=seed),
                    progress=False)
+    if workers > 0:
+        return _run_distributed(data, epochs, seed, out or os.path.join(tmp or tempfile.mkdtemp(), "runs"),
+                                image_size, workers, log)
     storage = Storage(data)
     info = load_info(storage)
     train, test = load_split(storage, "train", info), load_split(storage, "test", info)
@@ -116,6 +121,26 @@ def run(data: str | None, epochs: int, seed: int, out: str | None = None, charac
             save(Storage(out).child(name.replace(", ", "-").replace(" ", "-")), net,
                  Labels(info.characters, info.tags), results[name])
     log("\n" + format_table(results, len(test.images)))
+    return results
+
+
+def _run_distributed(data: str, epochs: int, seed: int, out: str, image_size: int, workers: int,
+                     log: Callable[[str], None]) -> dict[str, dict]:
+    from ray_jobs.train import TrainConfig
+    from ray_jobs.train import run as train_run
+
+    results = {}
+    fit_cfg = FitConfig()
+    for name, c in VARIANTS.items():
+        log(f"\ntraining {name} ({c.kind}) with danmul train, {workers} workers, {epochs} epochs")
+        cfg = TrainConfig(
+            data=data, out=out, name=name.replace(", ", "-").replace(" ", "-"), epochs=epochs, seed=seed,
+            workers=workers, image_size=image_size, batch_size=fit_cfg.batch_size // workers,
+            curriculum=c.kind, curriculum_warmup=c.warmup, curriculum_ramp=c.ramp, max_drop=c.max_drop,
+            max_mask=c.max_mask, lr=fit_cfg.optim.lr,
+        )  # same global batch as the single-process run
+        results[name] = train_run(cfg, log=log)["test"]
+    log("\n" + format_table(results, results[next(iter(results))]["image_only"]["images"]))
     return results
 
 

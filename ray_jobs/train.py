@@ -307,7 +307,8 @@ def _ensure_ray(cfg: TrainConfig, workers: int) -> None:
     # A local Ray gets the training workers' CPUs plus some for Ray Data's decoding tasks, or the
     # two would wait on each other (logical CPUs: on a small machine they share the cores).
     cpus = max(os.cpu_count() or 1, int(workers * cfg.cpus_per_worker) + cfg.data_cpus)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    # the dashboard also serves the State API that Ray Train uses to clean up after a dead controller
+    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 

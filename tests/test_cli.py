@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -73,10 +74,25 @@ def test_errors_are_one_clear_line_and_nonzero(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_quick_runs_end_to_end(tmp_path):
+def _ray_daemons() -> int:
+    found = subprocess.run(["pgrep", "-f", "gcs_server|raylet"], capture_output=True, text=True).stdout
+    return len(found.split())
+
+
+def test_demo_quick_runs_end_to_end_and_leaves_no_processes(tmp_path):
+    before = _ray_daemons()
     proc = danmul("demo", "--quick", "--out", str(tmp_path / "demo"))
-    assert "== step 1" in proc.stdout and "demo finished" in proc.stdout
+    out = proc.stdout
+    for step in ("== step 1", "== step 2", "== step 3", "demo finished"):
+        assert step in out, out[-3000:]
+    assert "| image only |" in out and "| image + tags |" in out  # the evaluation table
+    assert "image only:" in out and "with the upload's tags:" in out  # predictions through Tagger
     assert load_info(Storage(str(tmp_path / "demo" / "data"))).num_images > 0
+    assert (tmp_path / "demo" / "runs" / "demo" / "model" / "model.safetensors").exists()
+    deadline = time.monotonic() + 30  # Ray's daemons exit a moment after the driver
+    while _ray_daemons() > before and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _ray_daemons() <= before
 
 
 @pytest.mark.bench
