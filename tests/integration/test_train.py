@@ -116,6 +116,15 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
     restarted = [e for e in events if e["event"] == "start" and e["epoch"] == 2][1]
     assert restarted["global_step"] == next(e for e in events if e["event"] == "end")["global_step"]
 
+    # danmul eval on the exported model reproduces the test metrics the run wrote
+    model = tmp_path / "runs" / "fault" / "model"
+    proc = subprocess.run([sys.executable, "-m", "ray_jobs.cli", "eval", "--checkpoint", str(model), "--data", data],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    test = json.loads((model / "metrics.json").read_text())["test"]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| image only |"))
+    assert row.split("|")[2].strip() == f"{test['image_only']['top1']:.3f}"
+
 
 def test_rerunning_an_interrupted_run_resumes(tmp_path):
     data = str(tmp_path / "data")
