@@ -58,6 +58,11 @@ class _LocalDir:
         tmp.replace(self.path / rel)
 
 
+def _io(where: str | os.PathLike | Reader | Writer):
+    """A local folder path becomes a reader/writer; anything else already is one."""
+    return _LocalDir(where) if isinstance(where, str | os.PathLike) else where
+
+
 @dataclass
 class Labels:
     characters: list[str]
@@ -91,7 +96,7 @@ def weights_version(data: bytes) -> str:
 def save(dest: str | os.PathLike | Writer, net: DanmulNet, labels: Labels,
          metrics: dict[str, Any] | None = None) -> str:
     """Write the four files; returns the model version."""
-    writer = _LocalDir(dest) if isinstance(dest, str | os.PathLike) else dest
+    writer = _io(dest)
     cfg = net.cfg
     if (len(labels.characters), len(labels.tags)) != (cfg.num_characters, cfg.num_tags):
         raise ValueError("labels do not match the network's heads")
@@ -108,7 +113,7 @@ def save(dest: str | os.PathLike | Writer, net: DanmulNet, labels: Labels,
 
 def load(src: str | os.PathLike | Reader, device: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the network from ``config.json`` and load the weights; nothing is unpickled."""
-    reader = _LocalDir(src) if isinstance(src, str | os.PathLike) else src
+    reader = _io(src)
     config = json.loads(reader.read_bytes(CONFIG))
     if config.get("format", 0) > FORMAT:
         raise ValueError(f"checkpoint format {config['format']} is newer than this danmul ({FORMAT})")
@@ -135,7 +140,7 @@ TRAIN_STATE_TENSORS, TRAIN_STATE_JSON = "optimizer.safetensors", "train_state.js
 def save_train_state(dest: str | os.PathLike | Writer, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Optimizer tensors to safetensors, everything else (param groups, ``state`` such as epoch and
     global step) to JSON, next to the model files of a checkpoint."""
-    writer = _LocalDir(dest) if isinstance(dest, str | os.PathLike) else dest
+    writer = _io(dest)
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, slots in sd["state"].items():
@@ -151,7 +156,7 @@ def save_train_state(dest: str | os.PathLike | Writer, optimizer: torch.optim.Op
 
 def load_train_state(src: str | os.PathLike | Reader, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore the optimizer saved by :func:`save_train_state`; returns its ``state`` dict."""
-    reader = _LocalDir(src) if isinstance(src, str | os.PathLike) else src
+    reader = _io(src)
     meta = json.loads(reader.read_bytes(TRAIN_STATE_JSON))
     tensors = load_safetensors(reader.read_bytes(TRAIN_STATE_TENSORS))
     slots: dict[int, dict[str, Any]] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,7 +31,6 @@ class Prediction:
     model: str  # model version
     abstained: bool = False
     best_character: tuple[str, float] | None = None  # the top guess even when abstaining
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import torch
@@ -32,23 +33,30 @@ class Split:
     skipped: int  # undecodable images
 
 
+def _decoded(storage: Storage, split: str, info: DatasetInfo, skipped: list[int]) -> Iterator[tuple]:
+    """``(image, tags, class id, post id)`` per decodable row, in shard order; undecodable images are
+    skipped and counted in ``skipped[0]``."""
+    class_of = {c: i for i, c in enumerate(info.characters)}
+    for row in iter_examples(storage, split, columns=["post_id", "image", "character", "tags"]):
+        try:
+            img = decode(row["image"])
+        except ImageError:
+            skipped[0] += 1
+            continue
+        yield img, row["tags"], class_of[row["character"]], row["post_id"]
+
+
+def _split_of(rows: list[tuple], skipped: int = 0) -> Split:
+    images, tags, chars, ids = (list(col) for col in zip(*rows, strict=True)) if rows else ([], [], [], [])
+    return Split(images, tags, np.asarray(chars, dtype=np.int64), np.asarray(ids, dtype=np.int64), skipped)
+
+
 def load_split(data: Storage | str, split: str, info: DatasetInfo | None = None, limit: int | None = None) -> Split:
     storage = data if isinstance(data, Storage) else Storage(data)
     info = info or load_info(storage)
-    class_of = {c: i for i, c in enumerate(info.characters)}
-    images, tags, chars, ids, skipped = [], [], [], [], 0
-    for row in iter_examples(storage, split):
-        if limit is not None and len(images) >= limit:
-            break
-        try:
-            images.append(decode(row["image"]))
-        except ImageError:
-            skipped += 1
-            continue
-        tags.append(row["tags"])
-        chars.append(class_of[row["character"]])
-        ids.append(row["post_id"])
-    return Split(images, tags, np.asarray(chars, dtype=np.int64), np.asarray(ids, dtype=np.int64), skipped)
+    skipped = [0]
+    rows = list(islice(_decoded(storage, split, info, skipped), limit))
+    return _split_of(rows, skipped[0])
 
 
 def batches(split: Split, vocab: TagVocab, cfg: ModelConfig, batch_size: int, augment: TrainAugment | None = None,
@@ -80,27 +88,6 @@ def stream_batches(data: Storage, split: str, info: DatasetInfo, vocab: TagVocab
                    skipped: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Batches straight from the shards, one row group at a time: memory stays bounded whatever the
     split's size. Undecodable images are skipped; their count is added to ``skipped[0]``."""
-    class_of = {c: i for i, c in enumerate(info.characters)}
-    chunk = Split([], [], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0)
-    labels: list[int] = []
-
-    def flush() -> Iterator[dict[str, torch.Tensor]]:
-        chunk.characters = np.asarray(labels, dtype=np.int64)
-        yield from batches(chunk, vocab, cfg, batch_size, device=device)
-        chunk.images.clear()
-        chunk.tags.clear()
-        labels.clear()
-
-    for row in iter_examples(data, split, columns=["image", "character", "tags"]):
-        try:
-            chunk.images.append(decode(row["image"]))
-        except ImageError:
-            if skipped is not None:
-                skipped[0] += 1
-            continue
-        chunk.tags.append(row["tags"])
-        labels.append(class_of[row["character"]])
-        if len(labels) == batch_size:
-            yield from flush()
-    if labels:
-        yield from flush()
+    rows = _decoded(data, split, info, skipped if skipped is not None else [0])
+    while chunk := list(islice(rows, batch_size)):
+        yield from batches(_split_of(chunk), vocab, cfg, batch_size, device=device)

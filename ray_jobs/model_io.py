@@ -3,10 +3,23 @@ storage. ``model/`` itself only takes bytes or a reader."""
 
 from __future__ import annotations
 
+from ingest.schema import DatasetInfo
 from ingest.storage import Storage
 from model.checkpoint import Checkpoint, load
-from model.config import ModelConfig
+from model.config import ModelConfig, preset
 from model.network import DanmulNet, load_pretrained_image_weights, read_image_weights
+
+
+def model_config_for(info: DatasetInfo, preset_name: str = "tiny", image_size: int | None = None,
+                     pretrained_image: str | None = None) -> ModelConfig:
+    """A preset sized for a dataset: its classes and tag vocabulary, optionally another input size
+    and pretrained image weights."""
+    overrides: dict = {"num_characters": info.num_characters, "num_tags": len(info.tags)}
+    if image_size:
+        overrides["image_size"] = image_size
+    if pretrained_image:
+        overrides["pretrained_image"] = pretrained_image
+    return preset(preset_name, **overrides)
 
 
 def build_net(cfg: ModelConfig, endpoint_url: str | None = None) -> DanmulNet:

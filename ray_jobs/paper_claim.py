@@ -26,12 +26,12 @@ import torch
 from ingest.shards import load_info
 from ingest.storage import Storage
 from model import train as T
-from model.config import ModelConfig, preset
 from model.curriculum import CurriculumConfig
 from model.network import DanmulNet
 from model.preprocess import TrainAugment
 from model.vocab import TagVocab
 from ray_jobs.local_data import Split, batches, load_split
+from ray_jobs.model_io import model_config_for
 
 VARIANTS: dict[str, CurriculumConfig] = {
     "image-only": CurriculumConfig(kind="constant", max_drop=1.0, max_mask=0.0),
@@ -75,13 +75,6 @@ def fit(net: DanmulNet, train: Split, vocab: TagVocab, fit_cfg: FitConfig, curri
         log(f"  epoch {entry['epoch']:3d}  loss {entry['loss']:.3f}  drop {entry['text_drop']:.2f}  "
             f"mask {entry['tag_mask']:.2f}  {entry['samples_per_s']:.0f} samples/s")
     return history
-
-
-def model_config_for(info, preset_name: str = "tiny", image_size: int | None = None) -> ModelConfig:
-    overrides = {"num_characters": info.num_characters, "num_tags": len(info.tags)}
-    if image_size:
-        overrides["image_size"] = image_size
-    return preset(preset_name, **overrides)
 
 
 def run(data: str | None, epochs: int, seed: int, out: str | None = None, characters: int = 24,

@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from ingest.shards import load_info
 from ingest.storage import Storage
 from model import train as T
 from model.checkpoint import CONFIG, LABELS, METRICS, WEIGHTS, Labels, load, load_train_state, save, save_train_state
-from model.config import ModelConfig, preset
+from model.config import ModelConfig
 from model.curriculum import CurriculumConfig
 from model.losses import LossConfig
 from model.preprocess import ImageError, TrainAugment, decode, to_tensor
@@ -79,12 +80,9 @@ class TrainConfig:
                              loss=LossConfig(label_smoothing=self.label_smoothing, tag_loss=self.tag_loss))
 
     def model_config(self, info: DatasetInfo) -> ModelConfig:
-        overrides: dict[str, Any] = {"num_characters": info.num_characters, "num_tags": len(info.tags)}
-        if self.image_size:
-            overrides["image_size"] = self.image_size
-        if self.pretrained_image:
-            overrides["pretrained_image"] = self.pretrained_image
-        return preset(self.preset, **overrides)
+        from ray_jobs.model_io import model_config_for
+
+        return model_config_for(info, self.preset, self.image_size, self.pretrained_image)
 
 
 # -- Ray Data: decoding on CPU tasks ------------------------------------------------------------------
@@ -146,21 +144,20 @@ def _maybe_fail(epoch: int, rank: int) -> None:
         os._exit(1)
 
 
-def _next_good(it, device) -> dict[str, torch.Tensor] | None:
-    """The next batch with at least one decodable image (bad rows dropped), or None at the end."""
-    bad = 0
-    for batch in it:
+def _good_batches(batches, device, bad: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Model batches from Ray Data batches: rows whose image did not decode are dropped and counted
+    in ``bad[0]``; a batch left with no rows is skipped."""
+    for batch in batches:
         ok = batch["ok"].bool()
-        bad += int((~ok).sum())
+        if bad is not None:
+            bad[0] += int((~ok).sum())
         if ok.any():
-            return {
+            yield {
                 "images": batch["pixels"][ok].to(device),
                 "tag_ids": batch["tag_ids"][ok].to(device),
                 "characters": batch["character"][ok].to(device),
                 "tag_targets": batch["tag_targets"][ok].float().to(device),
-                "bad": bad,
             }
-    return {"bad": bad} if bad else None
 
 
 def _all_reduce(value: float, op: str = "sum") -> float:
@@ -215,17 +212,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if progress:
             _log_progress(progress, {"event": "start", "epoch": epoch + 1, "global_step": step})
         t0 = time.perf_counter()
-        it = iter(train_shard.iter_torch_batches(
+        bad = [0]
+        good = _good_batches(train_shard.iter_torch_batches(
             batch_size=cfg.batch_size, local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch
-        ))
-        losses, samples, bad, logs = [], 0, 0, {}
+        ), device, bad)
+        losses, samples, logs = [], 0, {}
         while True:
-            batch = _next_good(it, device)
-            bad += batch.pop("bad", 0) if batch else 0
-            have = 1.0 if batch and "images" in batch else 0.0
-            if _all_reduce(have, "min") == 0:  # every worker steps together, or none does (DDP)
-                # drain this worker's leftovers (at most a batch or so) so every bad row is counted
-                bad += sum(int((~b["ok"].bool()).sum()) for b in it)
+            batch = next(good, None)
+            if _all_reduce(1.0 if batch else 0.0, "min") == 0:  # every worker steps together, or none does (DDP)
+                for _ in good:  # drain this worker's leftovers (a batch or so) so every bad row is counted
+                    pass
                 break
             logs = T.train_step(net, optimizer, batch, step, total_steps, optim, curriculum, generator,
                                 torch.bfloat16 if use_bf16 else None)
@@ -240,7 +236,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "global_step": step,
             "train_loss": _all_reduce(float(np.mean(losses)) if losses else 0.0) / world,
             "samples_per_s": _all_reduce(samples / seconds),
-            "bad_images": int(_all_reduce(bad)),
+            "bad_images": int(_all_reduce(bad[0])),
             "text_drop": logs.get("text_drop", 0.0),
             "tag_mask": logs.get("tag_mask", 0.0),
             "epoch_seconds": seconds,
@@ -249,7 +245,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             checkpoint = None
             if rank == 0:
                 val_shard = ray.train.get_dataset_shard("val")
-                v = T.evaluate(inner, lambda s=val_shard: _val_batches(s, device), torch.bfloat16 if use_bf16 else None)
+                v = T.evaluate(inner, lambda s=val_shard: _good_batches(s.iter_torch_batches(batch_size=128), device),
+                               torch.bfloat16 if use_bf16 else None)
                 for mode, values in v.items():
                     metrics |= {f"val_{mode}_{k}": float(x) for k, x in values.items()}
                 save(tmp, inner, labels, {"validation": v, "epoch": epoch + 1})
@@ -282,14 +279,6 @@ def read_progress(run_dir: Storage) -> list[dict[str, Any]]:
     if not run_dir.exists(PROGRESS):
         return []
     return [json.loads(line) for line in run_dir.read_text(PROGRESS).splitlines() if line.strip()]
-
-
-def _val_batches(shard, device):
-    for batch in shard.iter_torch_batches(batch_size=128):
-        ok = batch["ok"].bool()
-        if ok.any():
-            yield {"images": batch["pixels"][ok].to(device), "tag_ids": batch["tag_ids"][ok].to(device),
-                   "characters": batch["character"][ok].to(device), "tag_targets": batch["tag_targets"][ok].float()}
 
 
 # -- the driver -----------------------------------------------------------------------------------------
@@ -333,7 +322,6 @@ def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
     run_dir = out.child(cfg.name)
     run_dir.write_text("danmul-train.yaml", dump(cfg))
 
-    gpus_available = 0
     _ensure_ray(cfg, cfg.workers or 2)
     gpus_available = int(ray.cluster_resources().get("GPU", 0))
     gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1 if gpus_available else 0)
@@ -425,8 +413,9 @@ def evaluate_checkpoint(checkpoint: str, data_uri: str, split: str = "test", end
                         batch_size: int = 128) -> dict[str, dict[str, float]]:
     """``danmul eval``: the same table for any checkpoint and split (one process, streaming)."""
     from ray_jobs.local_data import stream_batches
+    from ray_jobs.model_io import load_checkpoint
 
-    ckpt = load(Storage(checkpoint, endpoint_url))
+    ckpt = load_checkpoint(checkpoint, endpoint_url)
     data = Storage(data_uri, endpoint_url)
     info = load_info(data)
     if info.characters != ckpt.labels.characters:

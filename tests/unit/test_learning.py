@@ -19,7 +19,8 @@ from model.network import DanmulNet
 from model.tagger import Tagger
 from model.vocab import TagVocab
 from ray_jobs.local_data import batches, load_split
-from ray_jobs.paper_claim import VARIANTS, FitConfig, fit, model_config_for
+from ray_jobs.model_io import model_config_for
+from ray_jobs.paper_claim import VARIANTS, FitConfig, fit
 
 pytestmark = pytest.mark.slow
 
