@@ -38,6 +38,8 @@ class Prediction:
             "tags": {t: round(s, 6) for t, s in self.tags.items()},
             "model": self.model,
             "abstained": self.abstained,
+            "best_character": None if self.best_character is None
+            else [self.best_character[0], round(self.best_character[1], 6)],
         }
 
 
@@ -101,7 +103,7 @@ class Tagger:
         for start in range(0, n, self.batch_size):
             end = start + self.batch_size
             chars, tag_probs = self.scores(pixels[start:end], tags[start:end])
-            out += [self._decode(c, t, top_k) for c, t in zip(chars, tag_probs, strict=True)]
+            out += [self.decode(c, t, top_k) for c, t in zip(chars, tag_probs, strict=True)]
         return out
 
     def predict(self, images: Sequence[bytes | Image.Image], tags: Sequence[Sequence[str] | None] | None = None,
@@ -113,14 +115,23 @@ class Tagger:
             return []
         return self.predict_tensors(self.preprocess.batch(images), tags, top_k)
 
-    def _decode(self, char_probs: np.ndarray, tag_probs: np.ndarray, top_k: int) -> Prediction:
+    def decode(self, char_probs: np.ndarray, tag_probs: np.ndarray, top_k: int = 5,
+               threshold: float | None = None) -> Prediction:
+        """One image's probabilities -> a :class:`Prediction`. With ``threshold``, that one value replaces
+        every calibrated threshold for this image (Danbooru's ``/evaluate`` asks for one): characters and
+        tags at or above it are listed."""
         order = np.argsort(-char_probs)[:top_k]
         best = int(order[0])
         best_score = float(char_probs[best])
         names = self.labels.characters
-        abstained = best_score < self.character_thresholds[best]
-        characters = [] if abstained else [(names[i], float(char_probs[i])) for i in order]
-        above = np.nonzero(tag_probs >= self.tag_thresholds)[0]
+        if threshold is None:
+            abstained = best_score < self.character_thresholds[best]
+            characters = [] if abstained else [(names[i], float(char_probs[i])) for i in order]
+            above = np.nonzero(tag_probs >= self.tag_thresholds)[0]
+        else:
+            abstained = best_score < threshold
+            characters = [(names[i], float(char_probs[i])) for i in order if char_probs[i] >= threshold]
+            above = np.nonzero(tag_probs >= threshold)[0]
         above = above[np.argsort(-tag_probs[above])]
         return Prediction(
             characters=characters,

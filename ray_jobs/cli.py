@@ -114,6 +114,26 @@ def _tag(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from deploy.settings import ServeSettings
+    from ray_jobs.stream import serve_forever
+
+    serve_forever(cfgmod.resolve(ServeSettings, args, args.config), log=lambda line: print(line, flush=True))
+    return 0
+
+
+def _enqueue(args: argparse.Namespace) -> int:
+    from ingest.queue import redact
+    from ray_jobs.stream import EnqueueSettings, enqueue_all
+
+    cfg = cfgmod.resolve(EnqueueSettings, args, args.config)
+    if not args.sources and not cfg.data:
+        raise ValueError("nothing to enqueue: give image files or URIs, or --data")
+    count, first, last = enqueue_all(cfg, args.sources)
+    print(f"enqueued {count:,} uploads on {redact(cfg.redis)} {cfg.prefix}uploads (entries {first} .. {last})")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ray_jobs.demo import run_demo
 
@@ -204,6 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.set_defaults(func=_tag)
+
+    from deploy.settings import ServeSettings
+    from ray_jobs.stream import EnqueueSettings
+
+    p = sub.add_parser("serve", help="run the streaming tagger: Redis uploads in, tags back, HTTP API, metrics")
+    cfgmod.add_arguments(p, ServeSettings)
+    p.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override it")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("enqueue", help="put uploads on the stream (image files, s3:// URIs or a dataset split)")
+    p.add_argument("sources", nargs="*", help="image files or s3:// URIs (post id from a numeric file name)")
+    cfgmod.add_arguments(p, EnqueueSettings)
+    p.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override it")
+    p.set_defaults(func=_enqueue)
 
     p = sub.add_parser("demo", help="run the whole system end to end on embedded defaults")
     p.add_argument("--out", default="demo-out", help="folder for the demo's data, model and results")

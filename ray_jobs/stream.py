@@ -1,0 +1,141 @@
+"""``danmul serve`` and ``danmul enqueue``: the streaming tagger's front ends.
+
+``serve`` starts (or joins, ``--address``) a Ray cluster, deploys ``deploy.app`` and keeps it running
+until SIGINT/SIGTERM, then stops it gracefully: consumers finish what they hold or leave it pending.
+``enqueue`` puts uploads on the stream from image files, object-storage URIs or a Dan:mul split; it
+needs no Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from deploy.settings import ServeSettings
+
+
+def ensure_ray(address: str | None, cpus_needed: float = 0) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+        return
+    # logical CPUs for every replica; on a small machine they share the cores
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)), include_dashboard=False,
+             log_to_driver=True)
+
+
+def cpus_needed(s: ServeSettings) -> float:
+    return s.max_replicas * s.replica_cpus + s.consumers * 0.25 + 0.1
+
+
+def serve_forever(s: ServeSettings, log=print, stop: threading.Event | None = None) -> None:
+    import ray
+    from ray import serve
+
+    from deploy.app import deploy, undeploy
+    from ingest.queue import redact
+
+    ensure_ray(s.address, cpus_needed(s))
+    stop = stop or threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        t0 = time.perf_counter()
+        deploy(s)
+        log(f"danmul streaming tagger ready in {time.perf_counter() - t0:.1f} s: uploads from "
+            f"{redact(s.redis)} stream {s.prefix}uploads (group {s.group}), {s.consumers} consumer(s), "
+            f"{s.min_replicas}-{s.max_replicas} model replica(s)")
+        log(f"  HTTP API  http://{s.http_host}:{s.http_port}/  (POST /evaluate, POST /v1/tag, GET /health)")
+        if s.metrics_port:
+            log(f"  metrics   http://127.0.0.1:{s.metrics_port}/metrics  (each node serves its own)")
+        log("  stop with Ctrl-C (uploads in flight finish or stay pending for another consumer)")
+        stop.wait()
+        log("stopping: consumers drain their in-flight uploads ...")
+        undeploy()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if not s.address:
+            serve.shutdown()
+            ray.shutdown()
+    log("stopped")
+
+
+# -- enqueue -----------------------------------------------------------------------------------------------
+@dataclass
+class EnqueueSettings:
+    redis: str = field(default="redis://127.0.0.1:6379/0", metadata={"help": "Redis URL"})
+    prefix: str = field(default="danmul:", metadata={"help": "key prefix"})
+    data: str | None = field(default=None, metadata={"help": "a Dan:mul dataset URI to take uploads from"})
+    split: str = field(default="test", metadata={"help": "split of --data"})
+    limit: int = field(default=0, metadata={"help": "uploads at most (0: all)"})
+    with_tags: float = field(default=0.5, metadata={
+        "help": "fraction of --data uploads that come with their tags (the rest are image-only)"})
+    tags: str | None = field(default=None, metadata={"help": "tags sent with every file/URI upload"})
+    as_uri: bool = field(default=False, metadata={
+        "help": "send local files as image_uri paths (the tagger needs --local-roots) instead of inline bytes"})
+    endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (default: AWS_ENDPOINT_URL)"})
+
+
+def _post_id(path: str, fallback: int) -> int:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return int(stem) if stem.isdigit() else fallback
+
+
+def uploads_from(s: EnqueueSettings, sources: list[str]) -> Iterator[dict]:
+    """The uploads to add, as ``enqueue`` keyword arguments."""
+    from ingest.storage import Storage, is_s3
+
+    n = 0
+    for i, src in enumerate(sources):
+        if is_s3(src) or s.as_uri:
+            yield {"post_id": _post_id(src, i + 1), "image_uri": src if is_s3(src) else os.path.abspath(src),
+                   "tags": s.tags}
+        else:
+            yield {"post_id": _post_id(src, i + 1), "image": Storage(src).read_bytes(), "tags": s.tags}
+        n += 1
+    if s.data:
+        from ingest.shards import iter_examples
+
+        every = round(1 / s.with_tags) if s.with_tags > 0 else 0
+        for j, row in enumerate(iter_examples(Storage(s.data, s.endpoint_url), s.split)):
+            if s.limit and n >= s.limit:
+                return
+            yield {"post_id": row["post_id"], "image": row["image"],
+                   "tags": row["tags"] if every and j % every == 0 else None}
+            n += 1
+
+
+def enqueue_all(s: EnqueueSettings, sources: list[str], batch: int = 500) -> tuple[int, str | None, str | None]:
+    """Add the uploads in pipelined batches; returns (count, first entry id, last entry id)."""
+    from ingest.queue import Keys, connect, enqueue
+
+    client = connect(s.redis)
+    keys = Keys(s.prefix)
+    count, first, last = 0, None, None
+    pipe = client.pipeline(transaction=False)
+    pending = 0
+
+    def flush() -> None:
+        nonlocal first, last, pending
+        ids = pipe.execute()
+        if ids:
+            first = first or ids[0].decode()
+            last = ids[-1].decode()
+        pending = 0
+
+    for kwargs in uploads_from(s, sources):
+        enqueue(pipe, keys, **kwargs)
+        count += 1
+        pending += 1
+        if pending >= batch:
+            flush()
+    flush()
+    client.close()
+    return count, first, last
