@@ -3,7 +3,8 @@
 - ``POST /evaluate``: Danbooru's autotagger protocol, so a Danbooru instance can point its autotagger
   URL here. Multipart ``file`` (one or several), ``threshold`` (default 0.1), ``limit`` (default 50),
   ``format`` (``json``; ``html`` is answered with the same JSON). Answer:
-  ``[{"filename": name, "tags": {tag: score, ...}}]``, character tags included, best first. A file
+  ``[{"filename": name, "tags": {tag: score, ...}}]``: character tags first (best first), then general
+  tags by score, ``limit`` in all. A file
   that is not a usable image gets ``"tags": {}`` and an ``"error"`` reason code; the others still
   answer.
 - ``POST /v1/tag``: one image (multipart ``file``, or the raw body with an ``image/*`` content type)
@@ -14,7 +15,6 @@
 Request bodies are bounded (``max_request_bytes``): a larger one is refused with 413 before it is read.
 """
 
-from __future__ import annotations
 
 import time
 from contextlib import contextmanager
@@ -121,9 +121,10 @@ class TaggerAPI:
                 if "error" in r:
                     out.append({"filename": f.filename, "tags": {}, "error": r["error"]})
                     continue
-                scores = {name: score for name, score in r["characters"]} | r["tags"]
-                best = sorted(scores.items(), key=lambda kv: -kv[1])[:limit]
-                out.append({"filename": f.filename, "tags": dict(best)})
+                # characters first: a character's softmax score is on another scale than a tag's sigmoid,
+                # and the character is what a tagger is asked for most
+                ranked = [*r["characters"], *sorted(r["tags"].items(), key=lambda kv: -kv[1])]
+                out.append({"filename": f.filename, "tags": dict(ranked[:limit])})
             return JSONResponse(out)
 
     @api.post("/v1/tag")
