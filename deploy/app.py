@@ -64,16 +64,25 @@ class _Item:
     threshold: float | None
 
 
+async def _done(value):
+    return value
+
+
 @serve.deployment
 class TaggerModel:
     """``Tagger`` behind dynamic batching. ``tag(image_bytes, tags)`` decodes in a thread (the event loop
     keeps collecting requests) and joins a batch; a bad image comes back as ``{"error": reason}``."""
 
-    def __init__(self, checkpoint: str, endpoint_url: str | None = None, device: str | None = None):
+    def __init__(self, checkpoint: str, endpoint_url: str | None = None, device: str | None = None,
+                 threads: int = 0):
         from ingest.storage import Storage
         from model.tagger import Tagger
 
         self.m = start_metrics()
+        if threads:  # intra-op threads = the replica's CPUs: more would fight the consumers for the cores
+            import torch
+
+            torch.set_num_threads(threads)
         self.tagger = Tagger.from_checkpoint(Storage(checkpoint, endpoint_url), device=device)
         self.top_k = 5
         self.m.MODEL_INFO.labels(self.tagger.version, self.tagger.config.image_model).set(1)
@@ -96,15 +105,35 @@ class TaggerModel:
 
     async def tag(self, image: bytes, tags: list[str] | None = None, threshold: float | None = None,
                   top_k: int | None = None) -> dict:
+        """One image (the HTTP API)."""
+        [out] = await self.tag_many([image], [tags], threshold, top_k)
+        return out
+
+    async def tag_many(self, images: list[bytes], tags: list[list[str] | None], threshold: float | None = None,
+                       top_k: int | None = None) -> list[dict]:
+        """Several images in one call (a consumer's group of uploads: one Ray call, not one per upload).
+        Each image still joins the replica's dynamic batches on its own."""
+        decoded = await asyncio.to_thread(self._decode_all, images)
+        k = top_k or self.top_k
+        return list(await asyncio.gather(*[
+            _done(d) if isinstance(d, dict) else self._infer(_Item(d, t, k, threshold))
+            for d, t in zip(decoded, tags, strict=True)
+        ]))  # fmt: skip
+
+    def _decode_all(self, images: list[bytes]) -> list:
+        """Tensors, or ``{"error": reason}`` for what cannot be decoded (in a worker thread)."""
         from model.preprocess import ImageError
 
-        t0 = time.perf_counter()
-        try:
-            pixels = await asyncio.to_thread(self.tagger.preprocess, image)
-        except ImageError as e:
-            return {"error": e.reason, "detail": str(e)}
-        self.m.STAGE_SECONDS.labels("decode").observe(time.perf_counter() - t0)
-        return await self._infer(_Item(pixels, tags, top_k or self.top_k, threshold))
+        out = []
+        for image in images:
+            t0 = time.perf_counter()
+            try:
+                out.append(self.tagger.preprocess(image))
+            except ImageError as e:
+                out.append({"error": e.reason, "detail": str(e)})
+                continue
+            self.m.STAGE_SECONDS.labels("decode").observe(time.perf_counter() - t0)
+        return out
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _infer(self, items: list[_Item]) -> list[dict]:
@@ -113,7 +142,7 @@ class TaggerModel:
         t0 = time.perf_counter()
         pixels = torch.stack([i.pixels for i in items])  # (B, 3, S, S)
         # in a thread: the event loop keeps decoding and queueing the next batch meanwhile
-        chars, tag_probs = await asyncio.to_thread(self.tagger.scores, pixels, [i.tags for i in items])
+        chars, tag_probs = self.tagger.scores(pixels, [i.tags for i in items])
         out = []
         for item, c, t in zip(items, chars, tag_probs, strict=True):
             out.append({**self.tagger.decode(c, t, item.top_k, item.threshold).to_dict(), "batch_size": len(items)})
@@ -129,6 +158,49 @@ class TaggerModel:
 
 
 # -- queue consumers -------------------------------------------------------------------------------------
+class CallBatcher:
+    """Groups a consumer's model requests: up to ``size`` uploads (or what arrives within ``wait_s``) go
+    to the model in one ``tag_many`` call. A Serve call costs the caller about a millisecond of CPU, as
+    much as a tiny model's inference per image; one call per group keeps the consumer off the critical
+    path. Several groups are in flight at once; the replica batches images across them."""
+
+    def __init__(self, model: DeploymentHandle, size: int, wait_s: float = 0.005):
+        self.model, self.size, self.wait_s = model, size, wait_s
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.calls: set[asyncio.Task] = set()
+
+    async def submit(self, image: bytes, tags: list[str] | None) -> dict:
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((image, tags, fut))
+        return await fut
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            group = [await self.queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(group) < self.size:
+                try:
+                    group.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                except TimeoutError:
+                    break
+            call = loop.create_task(self._call(group))
+            self.calls.add(call)
+            call.add_done_callback(self.calls.discard)
+
+    async def _call(self, group: list) -> None:
+        try:
+            results = await self.model.tag_many.remote([g[0] for g in group], [g[1] for g in group])
+        except Exception as e:  # the replica died, or none is ready: each upload decides what to do
+            for _, _, fut in group:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        for (_, _, fut), result in zip(group, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)
+
+
 @serve.deployment
 class UploadConsumer:
     """Reads uploads through the consumer group and sees each one to a result or a dead letter.
@@ -153,6 +225,8 @@ class UploadConsumer:
         self.tasks: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
         self.counts: dict[str, int] = {}
+        self.batcher = CallBatcher(model, size=max(1, min(self.s.max_batch_size, self.s.max_in_flight)))
+        self.batcher_task = asyncio.get_running_loop().create_task(self.batcher.run())
         self.loop_task = asyncio.get_running_loop().create_task(self._run())
         self.m.CONSUMERS.set(1)
         log.info("consumer %s reading %s as group %s", self.name, self.queue.keys.uploads, self.s.group)
@@ -248,7 +322,7 @@ class UploadConsumer:
     async def _predict(self, image: bytes, tags: list[str] | None) -> dict | None:
         for attempt in range(RETRYABLE_MODEL_ATTEMPTS):
             try:
-                return await self.model.tag.remote(image, tags)
+                return await self.batcher.submit(image, tags)
             except Exception as e:  # a replica that died mid-call, or none ready yet
                 if self.stopping.is_set():
                     return None
@@ -343,7 +417,7 @@ def build_app(s: ServeSettings, gpus_available: bool = False):
     model = TaggerModel.options(
         **scaling, **quiet, user_config=user_config, max_ongoing_requests=max(4 * s.max_batch_size, 64),
         ray_actor_options={"num_cpus": s.replica_cpus, "num_gpus": gpus, "runtime_env": env},
-    ).bind(s.checkpoint, s.endpoint_url, s.device)  # fmt: skip
+    ).bind(s.checkpoint, s.endpoint_url, s.device, max(1, int(s.replica_cpus)))  # fmt: skip
     consumer = UploadConsumer.options(
         num_replicas=s.consumers, **quiet, graceful_shutdown_timeout_s=30, health_check_period_s=5,
         ray_actor_options={"num_cpus": 0.25, "runtime_env": env},

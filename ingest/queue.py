@@ -175,8 +175,8 @@ def parse_upload(upload: Upload, max_image_bytes: int) -> UploadRequest:
     return UploadRequest(post_id, uri.strip() if uri and not image else None, image or None, tags)
 
 
-def connect(url: str, asyncio: bool = False, socket_timeout: float = 30.0,
-            retries: int = 3) -> redis.Redis | aioredis.Redis:
+def connect(url: str, asyncio: bool = False, socket_timeout: float = 30.0, retries: int = 3,
+            max_connections: int = 64) -> redis.Redis | aioredis.Redis:
     """A client for a ``redis://`` or ``rediss://`` (TLS) URL. The password comes from the URL or, so it
     stays off command lines, from ``REDIS_PASSWORD``. The socket timeout is longer than any
     ``XREADGROUP BLOCK`` we issue (redis-py 8's default of 5 s would cut blocking reads short);
@@ -188,8 +188,11 @@ def connect(url: str, asyncio: bool = False, socket_timeout: float = 30.0,
     )  # fmt: skip
     if os.environ.get("REDIS_PASSWORD") and "@" not in url:
         kwargs["password"] = os.environ["REDIS_PASSWORD"]
-    cls = aioredis.Redis if asyncio else redis.Redis
-    return cls.from_url(url, **kwargs)
+    # A bounded pool that waits for a free connection: hundreds of uploads in flight share a few
+    # connections instead of failing with "too many connections".
+    pool_cls = aioredis.BlockingConnectionPool if asyncio else redis.BlockingConnectionPool
+    pool = pool_cls.from_url(url, max_connections=max_connections, timeout=socket_timeout, **kwargs)
+    return (aioredis.Redis if asyncio else redis.Redis)(connection_pool=pool)
 
 
 def redact(url: str) -> str:

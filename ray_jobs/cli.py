@@ -77,6 +77,13 @@ def _bench_train(args: argparse.Namespace) -> int:
     return bench_main(epochs=args.epochs, workers=args.workers, image_size=args.image_size)
 
 
+def _bench_stream(args: argparse.Namespace) -> int:
+    from ray_jobs.bench_stream import main as bench_main
+
+    return bench_main(uploads=args.uploads, image_size=args.image_size, max_batch_size=args.max_batch_size,
+                      latency_s=args.latency_s, consumers=args.consumers)
+
+
 def _bench_paper(args: argparse.Namespace) -> int:
     from ray_jobs.paper_claim import run
 
@@ -200,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="training workers (default: 2)")
     p.add_argument("--image-size", type=int, default=64, help="image side, px (default: 64)")
     p.set_defaults(func=_bench_train)
+
+    p = bench_sub.add_parser("stream", help="streaming tagger vs. the bare model: uploads/s and latency")
+    p.add_argument("--uploads", type=int, default=3000, help="uploads in the throughput run (default: 3000)")
+    p.add_argument("--image-size", type=int, default=64, help="image side and model input, px (default: 64)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="dynamic batching limit (default: 32)")
+    p.add_argument("--latency-s", type=float, default=20.0, help="length of the half-load run, s (default: 20)")
+    p.add_argument("--consumers", type=int, default=1, help="queue consumers (default: 1)")
+    p.set_defaults(func=_bench_stream)
 
     p = bench_sub.add_parser("paper", help="the paper's claim on synthetic Dan:mul: image-only vs multimodal, "
                              "with and without curriculum")

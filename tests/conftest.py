@@ -9,7 +9,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from services import RedisServer
+
+from ray_jobs.local_redis import RedisServer
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "danmul-test",

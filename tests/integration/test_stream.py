@@ -17,7 +17,6 @@ import redis
 import requests
 import torch
 from PIL import Image
-from services import RedisServer, free_port
 
 from ingest.queue import Keys, enqueue, read_result
 from ingest.shards import iter_examples, load_info
@@ -27,6 +26,7 @@ from model.checkpoint import Labels, save
 from model.config import preset
 from model.network import DanmulNet
 from model.tagger import Tagger
+from ray_jobs.local_redis import RedisServer, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KEYS = Keys()
