@@ -1,0 +1,106 @@
+"""``danmul enqueue`` and ``danmul serve`` as an operator runs them (subprocesses, a real redis-server,
+a local Ray started by the command): SIGTERM mid-stream stops gracefully, nothing is acknowledged
+without its result, and a second ``danmul serve`` finishes the rest exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+import torch
+
+from ingest.queue import Keys
+from ingest.shards import load_info
+from ingest.storage import Storage
+from ingest.synth import SynthConfig, synthesize
+from model.checkpoint import Labels, save
+from model.config import preset
+from model.network import DanmulNet
+from ray_jobs.local_redis import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.e2e]
+DANMUL = [sys.executable, "-m", "ray_jobs.cli"]
+KEYS = Keys()
+N = 400
+
+
+def stream_id(eid: bytes) -> tuple[int, int]:
+    ms, seq = eid.split(b"-")
+    return int(ms), int(seq)
+
+
+def tail(path) -> str:
+    with open(path) as f:
+        return f.read()[-3000:]
+
+
+def start_serve(checkpoint: str, redis_url: str, log) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*DANMUL, "serve", "--checkpoint", checkpoint, "--redis", redis_url, "--http-port", str(free_port()),
+         "--metrics-port", str(free_port()), "--max-in-flight", "4", "--max-batch-size", "4", "--claim-idle-s", "5"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+
+
+def stop(proc: subprocess.Popen, log_path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    out = tail(log_path)
+    assert rc == 0, out
+    assert "stopped" in out
+
+
+def test_sigterm_mid_stream_then_restart(redis_server, tmp_path):
+    data = str(tmp_path / "data")
+    synthesize(SynthConfig(out=data, characters=6, images=150, image_size=32, seed=4, workers=1), progress=False)
+    info = load_info(Storage(data))
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "model")
+    save(ckpt, DanmulNet(preset("tiny", num_characters=6, num_tags=len(info.tags), image_size=32)),
+         Labels(info.characters, info.tags))
+    for _ in range(N // 50):  # the same 50 posts again and again: each entry is an upload of its own
+        proc = subprocess.run([*DANMUL, "enqueue", "--redis", redis_server.url, "--data", data, "--split", "train",
+                               "--limit", "50"], capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert "enqueued 50 uploads" in proc.stdout
+    c = redis.Redis(port=redis_server.port)
+    ids = [eid for eid, _ in c.xrange(KEYS.uploads)]
+    assert len(ids) == N
+
+    log_path = tmp_path / "serve1.log"
+    with open(log_path, "w") as log:
+        serve = start_serve(ckpt, redis_server.url, log)
+        deadline = time.monotonic() + 180
+        while c.xlen(KEYS.results) < 10:
+            assert serve.poll() is None and time.monotonic() < deadline, tail(log_path)
+            time.sleep(0.05)
+        stop(serve, log_path)
+    done_first = c.xlen(KEYS.results)
+    assert 10 <= done_first < N  # stopped mid-stream
+    # nothing acknowledged without a result: every acknowledged entry has its result entry
+    pending = {p["message_id"] for p in c.xpending_range(KEYS.uploads, "danmul-taggers", "-", "+", 1000)}
+    answered = {e[b"upload_id"] for _, e in c.xrange(KEYS.results)}
+    group = c.xinfo_groups(KEYS.uploads)[0]
+    delivered = {eid for eid in ids if stream_id(eid) <= stream_id(group["last-delivered-id"])}
+    assert delivered - pending == answered
+
+    log_path = tmp_path / "serve2.log"
+    with open(log_path, "w") as log:
+        serve = start_serve(ckpt, redis_server.url, log)
+        deadline = time.monotonic() + 300
+        while c.xlen(KEYS.results) < N:
+            assert serve.poll() is None and time.monotonic() < deadline, tail(log_path)
+            time.sleep(0.1)
+        time.sleep(1)
+        stop(serve, log_path)
+    answered = [e[b"upload_id"] for _, e in c.xrange(KEYS.results)]
+    assert len(answered) == N and set(answered) == set(ids)
+    assert c.xinfo_groups(KEYS.uploads)[0]["pending"] == 0
