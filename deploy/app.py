@@ -335,7 +335,8 @@ class UploadConsumer:
 
         t0 = time.perf_counter()
         summary = {"character": out["characters"][0][0] if out["characters"] else "",
-                   "score": f"{out['best_character'][1]:.6f}", "model": out["model"]}
+                   "score": f"{out['best_character'][1]:.6f}", "model": out["model"],
+                   "abstained": "1" if out["abstained"] else "0"}
         done = await self._redis(self.queue.complete, upload, post_id, result_fields(out), summary)
         if done is None:
             self._retry("redis_error", upload, "result not written")

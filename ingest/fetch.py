@@ -67,7 +67,7 @@ class ImageFetcher:
 
     def _local(self, path: str) -> bytes:
         if not self.roots:
-            raise BadUpload(FORBIDDEN_PATH, "local paths are not enabled (no --local-root)")
+            raise BadUpload(FORBIDDEN_PATH, "local paths are not enabled (no --local-roots)")
         real = os.path.realpath(path)
         if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in self.roots):
             raise BadUpload(FORBIDDEN_PATH, f"{path[:200]!r} is outside the allowed roots")

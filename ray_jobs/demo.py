@@ -3,8 +3,8 @@
 Each step says what it is doing; a failing step is named, with its reason, and the exit is non-zero.
 Steps land with their issues: today the demo generates a synthetic Dan:mul dataset, trains the tiny
 model with Ray Train (2 workers) and the curriculum, evaluates it image-only and with tags, exports a
-calibrated checkpoint, and tags a few test images through ``Tagger``. The streaming tagger and the
-backfill join as they are built.
+calibrated checkpoint, and streams test-split uploads (some broken on purpose) through the streaming
+tagger on a redis-server of its own. The backfill joins when it is built.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ class DemoSettings:
     images: int = 2400
     image_size: int = 64
     epochs: int = 12
+    uploads: int = 300
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(characters=8, images=240, image_size=32, epochs=2)
+        return cls(characters=8, images=240, image_size=32, epochs=2, uploads=60)
 
 
 class StepFailed(RuntimeError):
@@ -79,26 +80,21 @@ def run_demo(out: str, quick: bool = False) -> int:
               f"{cfg.curriculum} (up to {cfg.max_drop:.0%} of samples without tags)", flush=True)
         run(cfg, log=lambda line: print(line, flush=True))
 
-    def tag() -> None:
-        from ingest.shards import iter_examples
-        from ingest.storage import Storage
-        from model.tagger import Tagger
+    def stream() -> None:
+        from ray_jobs.local_redis import RedisServer
+        from ray_jobs.stream_demo import run_stream_demo
 
-        tagger = Tagger.from_checkpoint(model_dir)
-        rows = [r for _, r in zip(range(4), iter_examples(Storage(data_uri), "test"), strict=False)]
-        for with_tags in (False, True):
-            preds = tagger.predict([r["image"] for r in rows], tags=[r["tags"] if with_tags else None for r in rows])
-            print("with the upload's tags:" if with_tags else "image only:")
-            for r, p in zip(rows, preds, strict=True):
-                guess = "abstains" if p.abstained else f"{p.characters[0][0]} ({p.characters[0][1]:.2f})"
-                top_tags = ", ".join(list(p.tags)[:6])
-                print(f"  post {r['post_id']}: truth {r['character']}; model {guess}; tags {top_tags}")
+        folder = os.path.join(out, "redis")
+        os.makedirs(folder, exist_ok=True)
+        with RedisServer(folder) as server:
+            print(f"redis-server on {server.url} (append-only file in {folder})", flush=True)
+            run_stream_demo(model_dir, data_uri, server.url, uploads=settings.uploads)
 
     try:
         _step(1, "generate a synthetic Dan:mul dataset", synth)
         _step(2, "train the tiny multimodal model with Ray Train and curriculum learning, evaluate, export",
               train)
-        _step(3, "tag test images with the exported checkpoint", tag)
+        _step(3, "stream test-split uploads through the streaming tagger (Redis -> Ray Serve -> Redis)", stream)
     except StepFailed as e:
         print(f"\ndemo failed: {e}", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -75,7 +76,7 @@ def test_errors_are_one_clear_line_and_nonzero(tmp_path):
 
 @pytest.mark.slow
 def _ray_daemons() -> int:
-    found = subprocess.run(["pgrep", "-f", "gcs_server|raylet"], capture_output=True, text=True).stdout
+    found = subprocess.run(["pgrep", "-f", "gcs_server|raylet|redis-server"], capture_output=True, text=True).stdout
     return len(found.split())
 
 
@@ -86,7 +87,12 @@ def test_demo_quick_runs_end_to_end_and_leaves_no_processes(tmp_path):
     for step in ("== step 1", "== step 2", "== step 3", "demo finished"):
         assert step in out, out[-3000:]
     assert "| image only |" in out and "| image + tags |" in out  # the evaluation table
-    assert "image only:" in out and "with the upload's tags:" in out  # predictions through Tagger
+    # the streaming step: every good upload tagged, each broken one dead-lettered with its reason
+    m = re.search(r"tagged (\d+) of (\d+) good uploads; (\d+) dead letters of 5 broken", out)
+    assert m and m.group(1) == m.group(2) and int(m.group(1)) > 0 and m.group(3) == "5", out[-3000:]
+    for reason in ("truncated", "not_an_image", "missing_post_id", "bad_tags", "forbidden_path"):
+        assert f"reason={reason}" in out
+    assert "streamed top-1 accuracy, with tags" in out and "p99" in out
     assert load_info(Storage(str(tmp_path / "demo" / "data"))).num_images > 0
     assert (tmp_path / "demo" / "runs" / "demo" / "model" / "model.safetensors").exists()
     deadline = time.monotonic() + 30  # Ray's daemons exit a moment after the driver
