@@ -64,6 +64,12 @@ HTTP_REQUESTS = Counter("danmul_http_requests_total", "HTTP API requests by endp
 HTTP_SECONDS = Histogram("danmul_http_request_seconds", "HTTP API request time by endpoint", ["endpoint"],
                          buckets=LATENCY_BUCKETS)
 
+# -- backfill (served by the backfill driver, which counts what its actors report) --------------------------
+BACKFILL_IMAGES = Counter("danmul_backfill_images_total", "Backfill images finished, by outcome: tagged, error",
+                          ["outcome"])
+BACKFILL_RATE = Gauge("danmul_backfill_images_per_second", "Backfill throughput since the job started",
+                      multiprocess_mode="mostrecent")
+
 _LIVE_FILE = re.compile(r"_live\w*_(\d+)\.db$")
 
 

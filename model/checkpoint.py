@@ -111,12 +111,23 @@ def save(dest: str | os.PathLike | Writer, net: DanmulNet, labels: Labels,
     return version
 
 
-def load(src: str | os.PathLike | Reader, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild the network from ``config.json`` and load the weights; nothing is unpickled."""
-    reader = _io(src)
+def _read_config(reader) -> dict[str, Any]:
     config = json.loads(reader.read_bytes(CONFIG))
     if config.get("format", 0) > FORMAT:
         raise ValueError(f"checkpoint format {config['format']} is newer than this danmul ({FORMAT})")
+    return config
+
+
+def read_config(src: str | os.PathLike | Reader) -> ModelConfig:
+    """The architecture and preprocessing alone, without the weights (what a front end that only
+    preprocesses needs)."""
+    return ModelConfig.from_dict(_read_config(_io(src))["model"])
+
+
+def load(src: str | os.PathLike | Reader, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the network from ``config.json`` and load the weights; nothing is unpickled."""
+    reader = _io(src)
+    config = _read_config(reader)
     cfg = ModelConfig.from_dict(config["model"])
     weights = reader.read_bytes(WEIGHTS)
     version = weights_version(weights)

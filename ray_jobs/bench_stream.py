@@ -50,8 +50,9 @@ def main(uploads: int = 3000, image_size: int = 64, max_batch_size: int = 32, la
     from model.checkpoint import Labels, save
     from model.config import preset
     from model.network import DanmulNet
+    from ray_jobs.local_ray import ensure_ray
     from ray_jobs.local_redis import RedisServer, free_port
-    from ray_jobs.stream import cpus_needed, ensure_ray
+    from ray_jobs.stream import cpus_needed
 
     root = tempfile.mkdtemp(prefix="danmul-bench-stream-")
     data = os.path.join(root, "data")

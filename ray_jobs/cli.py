@@ -141,6 +141,20 @@ def _enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backfill(args: argparse.Namespace) -> int:
+    import ray
+
+    from ray_jobs.backfill import BackfillConfig, run
+
+    cfg = cfgmod.resolve(BackfillConfig, args, args.config)
+    try:
+        run(cfg, log=lambda line: print(line, flush=True))
+    finally:
+        if not cfg.address:
+            ray.shutdown()
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ray_jobs.demo import run_demo
 
@@ -253,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     cfgmod.add_arguments(p, EnqueueSettings)
     p.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override it")
     p.set_defaults(func=_enqueue)
+
+    from ray_jobs.backfill import BackfillConfig
+
+    p = sub.add_parser("backfill", help="tag an archive with Ray Data: results as Parquet, resumable")
+    cfgmod.add_arguments(p, BackfillConfig)
+    p.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override it")
+    p.set_defaults(func=_backfill)
 
     p = sub.add_parser("demo", help="run the whole system end to end on embedded defaults")
     p.add_argument("--out", default="demo-out", help="folder for the demo's data, model and results")

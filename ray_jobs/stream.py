@@ -16,19 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from deploy.settings import ServeSettings
-
-
-def ensure_ray(address: str | None, cpus_needed: float = 0) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address)
-        return
-    # logical CPUs for every replica; on a small machine they share the cores
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)), include_dashboard=False,
-             log_to_driver=True)
+from ray_jobs.local_ray import ensure_ray
 
 
 def cpus_needed(s: ServeSettings) -> float:

@@ -24,8 +24,9 @@ def run_stream_demo(checkpoint: str, data_uri: str, redis_url: str, uploads: int
     from ingest.queue import Keys, enqueue
     from ingest.shards import iter_examples
     from ingest.storage import Storage
+    from ray_jobs.local_ray import ensure_ray
     from ray_jobs.local_redis import free_port
-    from ray_jobs.stream import cpus_needed, ensure_ray
+    from ray_jobs.stream import cpus_needed
 
     rows = [r for _, r in zip(range(uploads), iter_examples(Storage(data_uri), "test"), strict=False)]
     s = ServeSettings(checkpoint=checkpoint, redis=redis_url, http_port=free_port(), metrics_port=free_port())

@@ -285,24 +285,11 @@ def read_progress(run_dir: Storage) -> list[dict[str, Any]]:
 
 
 def _ensure_ray(cfg: TrainConfig, workers: int) -> None:
-    import ray
-    import ray.data
+    from ray_jobs.local_ray import ensure_ray
 
-    if ray.is_initialized():
-        return
-    if cfg.address:
-        ray.init(address=cfg.address)
-        return
-    # A local Ray gets the training workers' CPUs plus some for Ray Data's decoding tasks, or the
-    # two would wait on each other (logical CPUs: on a small machine they share the cores).
-    cpus = max(os.cpu_count() or 1, int(workers * cfg.cpus_per_worker) + cfg.data_cpus)
-    # Ray Data's per-execution INFO lines go to its log file, not the console (unless the user chose)
-    quiet_data = os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
-    env = {"RAY_DATA_LOGGING_CONFIG": os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", quiet_data)}
-    # the dashboard also serves the State API that Ray Train uses to clean up after a dead controller
-    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-             runtime_env={"env_vars": env})
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    # a local Ray gets the training workers' CPUs plus some for Ray Data's decoding tasks, or the two
+    # would wait on each other; the dashboard serves the State API Ray Train cleans up with
+    ensure_ray(cfg.address, workers * cfg.cpus_per_worker + cfg.data_cpus, dashboard=True)
 
 
 def run(cfg: TrainConfig, log=print) -> dict[str, Any]:

@@ -1,0 +1,360 @@
+"""``danmul backfill``: tag an archive of images with Ray Data, resumably, results as Parquet.
+
+    input (prefix of image files | manifest Parquet | Dan:mul dataset)
+      -> skip posts already in OUT (resume)
+      -> fetch + decode + preprocess        CPU tasks (bad images become error rows, never failures)
+      -> predict                            actor pool, Tagger loaded once per actor (a GPU each if any)
+      -> write                              one results file and one errors file per block, atomically,
+                                            named by a hash of the block's post ids
+      -> (optional) result hashes in Redis  the streaming tagger's format, so a platform reads both alike
+
+Output, under OUT: ``results/part-*.parquet`` (``post_id``, ``characters`` and ``tags`` as lists of
+``{name, score}``, ``abstained``, ``model``) and ``errors/part-*.parquet`` (``post_id``, ``image_uri``,
+``reason``, ``detail``). A file is written whole or not at all (atomic rename / S3 PUT), so an
+interrupted run leaves only complete files; the next run with the same OUT reads their post ids and
+processes only the rest. Streaming execution throughout: nothing collects the dataset on the driver;
+the driver sees one small summary row per block (counts for the progress bar and the metrics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+RESULTS, ERRORS = "results", "errors"
+RESULT_SCHEMA = pa.schema([
+    ("post_id", pa.int64()),
+    ("characters", pa.list_(pa.struct([("name", pa.string()), ("score", pa.float32())]))),
+    ("tags", pa.list_(pa.struct([("name", pa.string()), ("score", pa.float32())]))),
+    ("abstained", pa.bool_()),
+    ("model", pa.string()),
+])  # fmt: skip
+ERROR_SCHEMA = pa.schema([("post_id", pa.int64()), ("image_uri", pa.string()), ("reason", pa.string()),
+                          ("detail", pa.string())])
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+
+
+@dataclass
+class BackfillConfig:
+    input: str = field(metadata={"help": "an image prefix (s3://archive/images/ or a folder), a manifest "
+                                 "Parquet file or prefix (post_id, image_uri[, tags]), or a Dan:mul dataset"})
+    checkpoint: str = field(metadata={"help": "model checkpoint folder or s3:// URI"})
+    out: str = field(metadata={"help": "output URI; a re-run with the same OUT resumes"})
+    kind: str = field(default="auto", metadata={"help": "input kind: auto, prefix, manifest or dataset"})
+    split: str = field(default="test", metadata={"help": "split of a dataset input (all: every split)"})
+    use_tags: bool = field(default=True, metadata={
+        "help": "feed the tags of a manifest (tags column) or dataset to the model; off: image only"})
+    batch_size: int = field(default=64, metadata={"help": "images per model batch"})
+    actors: int = field(default=0, metadata={"help": "predictor actors (default: one per GPU, else 1)"})
+    decode_cpus: float = field(default=0.5, metadata={
+        "help": "CPUs per decode task (not the predictors' share, so decoding runs in tasks of its own)"})
+    limit: int = field(default=0, metadata={"help": "process at most this many images this run (0: all)"})
+    top_k: int = field(default=5, metadata={"help": "characters kept per image"})
+    redis: str | None = field(default=None, metadata={
+        "help": "also write each result to this Redis as danmul:result:{post_id} (default: no)"})
+    prefix: str = field(default="danmul:", metadata={"help": "Redis key prefix"})
+    endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (default: AWS_ENDPOINT_URL)"})
+    address: str | None = field(default=None, metadata={"help": "Ray cluster (default: start a local one)"})
+    metrics_port: int = field(default=0, metadata={"help": "serve danmul_backfill_* metrics here (0: off)"})
+    progress: bool = field(default=True, metadata={"help": "a progress bar with images/s and ETA on stderr"})
+
+
+# -- input ---------------------------------------------------------------------------------------------------
+def detect_kind(storage) -> str:
+    if storage.is_file("dataset.json"):
+        return "dataset"
+    if storage.uri.endswith(".parquet") or any(e.path.endswith(".parquet") for e in storage.list(recursive=False)):
+        return "manifest"
+    return "prefix"
+
+
+def _post_id_of(rel: str) -> int:
+    stem = posixpath.splitext(posixpath.basename(rel))[0]
+    return int(stem) if stem.isdigit() else -1  # -1: becomes a bad_post_id error row
+
+
+def _list_dir(row: dict, uri: str, endpoint_url: str | None) -> list[dict]:
+    from ingest.storage import Storage
+
+    base = Storage(uri, endpoint_url)
+    sub = row["dir"]
+    return [{"post_id": _post_id_of(e.path), "image_uri": base.uri_of(posixpath.join(sub, e.path)),
+             "image": None, "tags": None} for e in base.list(sub, suffixes=IMAGE_SUFFIXES)]  # fmt: skip
+
+
+def read_input(cfg: BackfillConfig):
+    """A Ray Dataset of ``post_id, image_uri, image, tags`` rows (image bytes inline for datasets)."""
+    import ray.data
+
+    from ingest.storage import Storage
+
+    storage = Storage(cfg.input, cfg.endpoint_url)
+    kind = detect_kind(storage) if cfg.kind == "auto" else cfg.kind
+    if kind == "dataset":
+        splits = ["train", "val", "test"] if cfg.split == "all" else [cfg.split]
+        ds = ray.data.read_parquet([storage.path(s) for s in splits], filesystem=storage.fs,
+                                   columns=["post_id", "image", "tags"])
+        return ds.map_batches(_dataset_rows, batch_format="pyarrow", fn_kwargs={"use_tags": cfg.use_tags}), kind
+    if kind == "manifest":
+        ds = ray.data.read_parquet(storage.path(), filesystem=storage.fs)
+        return ds.map_batches(_manifest_rows, batch_format="pyarrow", fn_kwargs={"use_tags": cfg.use_tags}), kind
+    if kind != "prefix":
+        raise ValueError(f"unknown input kind {kind!r} (auto, prefix, manifest or dataset)")
+    # A large archive is a tree of folders (Danbooru's 512px/0000/...): list the top level here and
+    # each folder in a Ray task, so listing millions of keys runs in parallel.
+    top = storage.fs.get_file_info(pafs.FileSelector(storage.path(), recursive=False))
+    dirs = [posixpath.basename(i.path) for i in top if i.type == pafs.FileType.Directory]
+    files = [{"post_id": _post_id_of(i.path), "image_uri": storage.uri_of(posixpath.basename(i.path)),
+              "image": None, "tags": None}
+             for i in top if i.type == pafs.FileType.File and i.path.lower().endswith(IMAGE_SUFFIXES)]  # fmt: skip
+    parts = []
+    if dirs:
+        parts.append(ray.data.from_items([{"dir": d} for d in dirs], override_num_blocks=min(len(dirs), 64))
+                     .flat_map(_list_dir, fn_kwargs={"uri": storage.uri, "endpoint_url": cfg.endpoint_url}))
+    if files:
+        parts.append(ray.data.from_items(files))
+    if not parts:
+        raise ValueError(f"no image files under {storage.uri}")
+    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    return ds, kind
+
+
+def _dataset_rows(batch: pa.Table, use_tags: bool) -> pa.Table:
+    n = batch.num_rows
+    tags = batch.column("tags") if use_tags else pa.nulls(n, pa.list_(pa.string()))
+    return pa.table({"post_id": batch.column("post_id"), "image_uri": pa.nulls(n, pa.string()),
+                     "image": batch.column("image"), "tags": tags})
+
+
+def _manifest_rows(batch: pa.Table, use_tags: bool) -> pa.Table:
+    missing = {"post_id", "image_uri"} - set(batch.column_names)
+    if missing:
+        raise ValueError(f"the manifest lacks column(s) {sorted(missing)}")
+    n = batch.num_rows
+    if use_tags and "tags" in batch.column_names:
+        tags = batch.column("tags")
+        if pa.types.is_string(tags.type) or pa.types.is_large_string(tags.type):  # "1girl solo" strings
+            tags = pa.array([t.split() if t else None for t in tags.to_pylist()], pa.list_(pa.string()))
+    else:
+        tags = pa.nulls(n, pa.list_(pa.string()))
+    return pa.table({"post_id": batch.column("post_id").cast(pa.int64()), "image_uri": batch.column("image_uri"),
+                     "image": pa.nulls(n, pa.binary()), "tags": tags})
+
+
+# -- resume --------------------------------------------------------------------------------------------------
+def done_post_ids(out) -> np.ndarray:
+    """Post ids already in OUT's results and errors (sorted). Files that cannot be read (not ours, or
+    damaged by hand) are reported and ignored: their posts are processed again."""
+    ids = []
+    for sub in (RESULTS, ERRORS):
+        for entry in out.list(sub, suffixes=(".parquet",)):
+            try:
+                ids.append(out.read_parquet(f"{sub}/{entry.path}", columns=["post_id"]).column("post_id").to_numpy())
+            except Exception as e:  # any unreadable file is skipped, loudly
+                print(f"danmul backfill: ignoring unreadable {out.uri_of(sub + '/' + entry.path)}: {e}",
+                      file=sys.stderr)
+    return np.unique(np.concatenate(ids)) if ids else np.zeros(0, dtype=np.int64)
+
+
+def _skip_done(batch: pa.Table, done_ref) -> pa.Table:
+    import ray
+
+    done = ray.get(done_ref) if not isinstance(done_ref, np.ndarray) else done_ref
+    if not len(done):
+        return batch
+    ids = batch.column("post_id").to_numpy(zero_copy_only=False)
+    return batch.filter(pa.array(~np.isin(ids, done)))
+
+
+# -- decode (CPU tasks) ------------------------------------------------------------------------------------
+def _missing(value) -> bool:
+    """None in a numpy batch column may arrive as None or as NaN (a column that is all nulls)."""
+    return value is None or isinstance(value, float | np.floating)
+
+
+def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str | None) -> dict[str, Any]:
+    """Fetch and preprocess every row; failures become rows with ``reason`` set and no pixels."""
+    from ingest.fetch import FetchRetry, ImageFetcher
+    from ingest.queue import BAD_POST_ID, BadUpload
+    from ingest.storage import Storage
+    from model.checkpoint import read_config
+    from model.preprocess import ImageError, Preprocessor
+
+    pre = Preprocessor.from_config(read_config(Storage(checkpoint, endpoint_url)))
+    fetcher = ImageFetcher(["/"], endpoint_url=endpoint_url)  # the archive is the operator's own: any path
+    n = len(batch["post_id"])
+    pixels = np.zeros((n, 3, pre.image_size, pre.image_size), dtype=np.float32)
+    reasons, details = [""] * n, [""] * n
+    for i in range(n):
+        try:
+            if batch["post_id"][i] < 0:
+                raise BadUpload(BAD_POST_ID, "no numeric post id in the file name")
+            image = batch["image"][i]
+            if _missing(image):
+                image = fetcher.fetch(batch["image_uri"][i])
+            pixels[i] = pre(bytes(image)).numpy()
+        except (ImageError, BadUpload) as e:
+            reasons[i], details[i] = e.reason, str(e)[:300]
+        except FetchRetry as e:
+            reasons[i], details[i] = "fetch_failed", str(e)[:300]
+    tags = ["" if _missing(t) else " ".join(t) for t in batch["tags"]]  # "": image only
+    return {"post_id": batch["post_id"],
+            "image_uri": np.array(["" if _missing(u) else u for u in batch["image_uri"]], dtype=object),
+            "tags": np.array(tags, dtype=object), "pixels": pixels, "reason": np.array(reasons, dtype=object),
+            "detail": np.array(details, dtype=object)}  # fmt: skip
+
+
+# -- predict + write (actor pool) ----------------------------------------------------------------------------
+class Predictor:
+    """Loads the ``Tagger`` once per actor; each call predicts a block and writes its files."""
+
+    def __init__(self, checkpoint: str, out: str, endpoint_url: str | None, top_k: int, batch_size: int,
+                 redis_url: str | None, prefix: str):
+        from ingest.storage import Storage
+        from model.tagger import Tagger
+
+        self.tagger = Tagger.from_checkpoint(Storage(checkpoint, endpoint_url), batch_size=batch_size)
+        self.out = Storage(out, endpoint_url)
+        self.top_k = top_k
+        self.redis = None
+        if redis_url:
+            from ingest.queue import Keys, connect
+
+            self.redis, self.keys = connect(redis_url), Keys(prefix)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        t0 = time.perf_counter()
+        ok = np.array([r == "" for r in batch["reason"]], dtype=bool)
+        ids = batch["post_id"].astype(np.int64)
+        preds = []
+        if ok.any():
+            tags = [t.split() or None for t in batch["tags"][ok]]
+            preds = self.tagger.predict_tensors(torch.from_numpy(batch["pixels"][ok]), tags, top_k=self.top_k)
+        name = hashlib.sha1(ids.tobytes()).hexdigest()[:20]  # the same block -> the same file, if retried
+        if preds:
+            self.out.write_parquet(f"{RESULTS}/part-{name}.parquet", pa.table({
+                "post_id": ids[ok],
+                "characters": [[{"name": c, "score": s} for c, s in p.characters] for p in preds],
+                "tags": [[{"name": t, "score": s} for t, s in p.tags.items()] for p in preds],
+                "abstained": [p.abstained for p in preds],
+                "model": [p.model for p in preds],
+            }, schema=RESULT_SCHEMA))  # fmt: skip
+        if (~ok).any():
+            self.out.write_parquet(f"{ERRORS}/part-{name}.parquet", pa.table({
+                "post_id": ids[~ok], "image_uri": list(batch["image_uri"][~ok]),
+                "reason": list(batch["reason"][~ok]), "detail": list(batch["detail"][~ok]),
+            }, schema=ERROR_SCHEMA))  # fmt: skip
+        if self.redis is not None and preds:
+            from ingest.queue import result_fields
+
+            pipe = self.redis.pipeline(transaction=False)
+            for post_id, p in zip(ids[ok], preds, strict=True):
+                pipe.hset(self.keys.result(int(post_id)), mapping=result_fields(p.to_dict()))
+            pipe.execute()
+        reasons = [r for r in batch["reason"] if r]
+        return {"ok": np.array([int(ok.sum())]), "errors": np.array([len(reasons)]),
+                "seconds": np.array([time.perf_counter() - t0])}
+
+
+# -- the job ---------------------------------------------------------------------------------------------
+@dataclass
+class BackfillResult:
+    processed: int
+    errors: int
+    skipped: int
+    seconds: float
+    images_per_s: float
+
+
+def run(cfg: BackfillConfig, log=print) -> BackfillResult:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from ingest.storage import Storage
+    from ray_jobs.config import dump
+    from ray_jobs.local_ray import ensure_ray
+
+    out = Storage(cfg.out, cfg.endpoint_url)
+    ensure_ray(cfg.address)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = cfg.actors or max(1, gpus)
+    ds, kind = read_input(cfg)
+    done = done_post_ids(out)
+    if len(done):
+        log(f"resuming: {len(done):,} posts already in {out.uri} are skipped")
+        ds = ds.map_batches(_skip_done, batch_format="pyarrow", fn_kwargs={"done_ref": ray.put(done)})
+    if cfg.limit:
+        ds = ds.limit(cfg.limit)
+    ds = ds.map_batches(decode_rows, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.decode_cpus,
+                        fn_kwargs={"checkpoint": cfg.checkpoint, "endpoint_url": cfg.endpoint_url})
+    ds = ds.map_batches(
+        Predictor, batch_size=cfg.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+        fn_constructor_kwargs=dict(checkpoint=cfg.checkpoint, out=cfg.out, endpoint_url=cfg.endpoint_url,
+                                   top_k=cfg.top_k, batch_size=cfg.batch_size, redis_url=cfg.redis,
+                                   prefix=cfg.prefix),
+    )  # fmt: skip
+    metrics = _metrics(cfg.metrics_port)
+    log(f"backfill of {cfg.input} ({kind}) -> {out.uri} with {actors} predictor(s)"
+        f"{' on GPUs' if gpus else ' on CPU'}, batch {cfg.batch_size}")
+    bar = _progress(cfg.progress)
+    processed = errors = 0
+    t0 = time.perf_counter()
+    for summary in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ok, bad = int(summary["ok"].sum()), int(summary["errors"].sum())
+        processed, errors = processed + ok, errors + bad
+        if metrics:
+            metrics["images"].labels("tagged").inc(ok)
+            metrics["images"].labels("error").inc(bad)
+            metrics["rate"].set((processed + errors) / (time.perf_counter() - t0))
+        if bar is not None:
+            bar.update(ok + bad)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    rate = (processed + errors) / seconds if seconds else 0.0
+    out.write_text("backfill.yaml", dump(cfg))
+    log(f"{processed:,} images tagged, {errors:,} errors, {len(done):,} skipped (done before) in {seconds:.1f} s: "
+        f"{rate:,.0f} images/s")
+    return BackfillResult(processed, errors, len(done), seconds, rate)
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit="img", desc="backfill", file=sys.stderr, smoothing=0.1, mininterval=1.0)
+
+
+def _metrics(port: int) -> dict | None:
+    if not port:
+        return None
+    from prometheus_client import start_http_server
+
+    from deploy import metrics
+
+    start_http_server(port)
+    return {"images": metrics.BACKFILL_IMAGES, "rate": metrics.BACKFILL_RATE}
+
+
+def read_results(out: str, endpoint_url: str | None = None) -> tuple[pa.Table, pa.Table]:
+    """All results and errors of an OUT (for tests, checks and small outputs)."""
+    from ingest.storage import Storage
+
+    storage = Storage(out, endpoint_url)
+    tables = {}
+    for sub, schema in ((RESULTS, RESULT_SCHEMA), (ERRORS, ERROR_SCHEMA)):
+        parts = [storage.read_parquet(f"{sub}/{e.path}") for e in storage.list(sub, suffixes=(".parquet",))]
+        tables[sub] = pa.concat_tables(parts) if parts else schema.empty_table()
+    return tables[RESULTS], tables[ERRORS]
