@@ -84,6 +84,12 @@ def _bench_stream(args: argparse.Namespace) -> int:
                       latency_s=args.latency_s, consumers=args.consumers)
 
 
+def _bench_backfill(args: argparse.Namespace) -> int:
+    from ray_jobs.bench_backfill import main as bench_main
+
+    return bench_main(args.images or [10_000, 50_000], batch_size=args.batch_size, image_size=args.image_size)
+
+
 def _bench_paper(args: argparse.Namespace) -> int:
     from ray_jobs.paper_claim import run
 
@@ -229,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-s", type=float, default=20.0, help="length of the half-load run, s (default: 20)")
     p.add_argument("--consumers", type=int, default=1, help="queue consumers (default: 1)")
     p.set_defaults(func=_bench_stream)
+
+    p = bench_sub.add_parser("backfill", help="backfill vs. the bare model: images/s, peak memory by archive size")
+    p.add_argument("--images", type=int, action="append",
+                   help="archive size; repeat to compare (default: 10000 and 50000)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model batch (default: 64)")
+    p.add_argument("--image-size", type=int, default=64, help="image side and model input, px (default: 64)")
+    p.set_defaults(func=_bench_backfill)
 
     p = bench_sub.add_parser("paper", help="the paper's claim on synthetic Dan:mul: image-only vs multimodal, "
                              "with and without curriculum")
