@@ -173,6 +173,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="progress bars on stderr (default: when stderr is a terminal)")
 
 
+def _settings_command(sub, name: str, helptext: str, cls: type, func: Callable) -> argparse.ArgumentParser:
+    """A subcommand whose options are a settings dataclass's fields, plus ``--config FILE.yaml``."""
+    p = sub.add_parser(name, help=helptext)
+    cfgmod.add_arguments(p, cls)
+    p.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override it")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ingest.build import BuildConfig
     from ingest.synth import SynthConfig
@@ -268,25 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_tag)
 
     from deploy.settings import ServeSettings
+    from ray_jobs.backfill import BackfillConfig
     from ray_jobs.stream import EnqueueSettings
 
-    p = sub.add_parser("serve", help="run the streaming tagger: Redis uploads in, tags back, HTTP API, metrics")
-    cfgmod.add_arguments(p, ServeSettings)
-    p.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override it")
-    p.set_defaults(func=_serve)
-
-    p = sub.add_parser("enqueue", help="put uploads on the stream (image files, s3:// URIs or a dataset split)")
+    _settings_command(sub, "serve", "run the streaming tagger: Redis uploads in, tags back, HTTP API, metrics",
+                      ServeSettings, _serve)
+    p = _settings_command(sub, "enqueue", "put uploads on the stream (image files, s3:// URIs or a dataset split)",
+                          EnqueueSettings, _enqueue)
     p.add_argument("sources", nargs="*", help="image files or s3:// URIs (post id from a numeric file name)")
-    cfgmod.add_arguments(p, EnqueueSettings)
-    p.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override it")
-    p.set_defaults(func=_enqueue)
-
-    from ray_jobs.backfill import BackfillConfig
-
-    p = sub.add_parser("backfill", help="tag an archive with Ray Data: results as Parquet, resumable")
-    cfgmod.add_arguments(p, BackfillConfig)
-    p.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override it")
-    p.set_defaults(func=_backfill)
+    _settings_command(sub, "backfill", "tag an archive with Ray Data: results as Parquet, resumable",
+                      BackfillConfig, _backfill)
 
     p = sub.add_parser("demo", help="run the whole system end to end on embedded defaults")
     p.add_argument("--out", default="demo-out", help="folder for the demo's data, model and results")

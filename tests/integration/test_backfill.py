@@ -14,14 +14,7 @@ import boto3
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
-from ingest.shards import iter_examples, load_info
-from ingest.storage import Storage
-from ingest.synth import SynthConfig, synthesize
-from model.checkpoint import Labels, save
-from model.config import preset
-from model.network import DanmulNet
 from model.tagger import Tagger
 from ray_jobs.backfill import BackfillConfig, read_results, run
 
@@ -31,42 +24,20 @@ BACKFILL = [sys.executable, "-m", "ray_jobs.cli", "backfill", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    uri = str(tmp_path_factory.mktemp("data") / "danmul")
-    synthesize(SynthConfig(out=uri, characters=6, images=150, image_size=32, seed=5, workers=1), progress=False)
-    return uri
-
-
-@pytest.fixture(scope="module")
-def rows(dataset):
-    return [r for split in ("train", "val", "test") for r in iter_examples(Storage(dataset), split)]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(dataset, tmp_path_factory):
-    info = load_info(Storage(dataset))
-    torch.manual_seed(1)
-    path = str(tmp_path_factory.mktemp("ckpt") / "model")
-    save(path, DanmulNet(preset("tiny", num_characters=6, num_tags=len(info.tags), image_size=32)),
-         Labels(info.characters, info.tags))
-    return path
-
-
-@pytest.fixture(scope="module")
-def archive(s3_endpoint, rows):
+def archive(s3_endpoint, tiny_rows):
     """2,000 image files under s3://BUCKET/images/{0000..0003}/{post_id}.jpg, 20 of them corrupt."""
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     bucket = "danmul-archive"
     s3.create_bucket(Bucket=bucket)
     images: dict[int, bytes] = {}
     for i in range(N_GOOD):
-        images[100_000 + i] = rows[i % len(rows)]["image"]
+        images[100_000 + i] = tiny_rows[i % len(tiny_rows)]["image"]
     bad: dict[int, str] = {}
     post = 200_000
+    broken = {"truncated": tiny_rows[0]["image"][:200], "not_an_image": b"<html>gone</html>", "empty": b""}
     for reason, n in CORRUPT.items():
         for _ in range(n):
-            data = {"truncated": rows[0]["image"][:200], "not_an_image": b"<html>gone</html>", "empty": b""}[reason]
-            images[post], bad[post] = data, reason
+            images[post], bad[post] = broken[reason], reason
             post += 1
     for post_id, data in images.items():
         s3.put_object(Bucket=bucket, Key=f"images/{post_id % 4:04d}/{post_id}.jpg", Body=data)
@@ -82,17 +53,17 @@ def local_ray():
     ray.shutdown()
 
 
-def test_archive_in_s3_matches_tagger_and_records_errors(local_ray, archive, checkpoint, s3_bucket):
+def test_archive_in_s3_matches_tagger_and_records_errors(local_ray, archive, tiny_checkpoint, s3_bucket):
     prefix, images, bad = archive
     out = f"{s3_bucket}/backfill"
-    result = run(BackfillConfig(input=prefix, checkpoint=checkpoint, out=out, batch_size=64, progress=False),
+    result = run(BackfillConfig(input=prefix, checkpoint=tiny_checkpoint, out=out, batch_size=64, progress=False),
                  log=lambda s: None)
     assert (result.processed, result.errors) == (N_GOOD, sum(CORRUPT.values()))
     results, errors = read_results(out)
     assert sorted(results.column("post_id").to_pylist()) == sorted(set(images) - set(bad))
     assert dict(zip(errors.column("post_id").to_pylist(), errors.column("reason").to_pylist(), strict=True)) == bad
     # every result is Tagger.predict's for the same image (no tags came with a bare prefix)
-    tagger = Tagger.from_checkpoint(checkpoint)
+    tagger = Tagger.from_checkpoint(tiny_checkpoint)
     got = {r["post_id"]: r for r in results.to_pylist()}
     ids = sorted(got)
     for start in range(0, len(ids), 256):
@@ -105,10 +76,10 @@ def test_archive_in_s3_matches_tagger_and_records_errors(local_ray, archive, che
             assert r["model"] == tagger.version and r["abstained"] == want.abstained
 
 
-def test_interrupted_then_rerun_gives_every_post_once(archive, checkpoint, tmp_path):
+def test_interrupted_then_rerun_gives_every_post_once(archive, tiny_checkpoint, tmp_path):
     prefix, images, bad = archive
     out = str(tmp_path / "out")
-    args = [*BACKFILL, "--input", prefix, "--checkpoint", checkpoint, "--out", out, "--batch-size", "32"]
+    args = [*BACKFILL, "--input", prefix, "--checkpoint", tiny_checkpoint, "--out", out, "--batch-size", "32"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 300
@@ -128,10 +99,10 @@ def test_interrupted_then_rerun_gives_every_post_once(archive, checkpoint, tmp_p
     assert set(errors.column("post_id").to_pylist()) == set(bad)
 
 
-def test_manifest_tags_reach_the_model(local_ray, rows, checkpoint, tmp_path):
+def test_manifest_tags_reach_the_model(local_ray, tiny_rows, tiny_checkpoint, tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
-    sample = rows[:80]
+    sample = tiny_rows[:80]
     for r in sample:
         (folder / f"{r['post_id']}.png").write_bytes(r["image"])
     manifest = tmp_path / "manifest.parquet"
@@ -145,10 +116,10 @@ def test_manifest_tags_reach_the_model(local_ray, rows, checkpoint, tmp_path):
     outs = {}
     for use_tags in (True, False):
         out = str(tmp_path / f"out-{use_tags}")
-        run(BackfillConfig(input=str(manifest), checkpoint=checkpoint, out=out, use_tags=use_tags, progress=False),
+        run(BackfillConfig(input=str(manifest), checkpoint=tiny_checkpoint, out=out, use_tags=use_tags, progress=False),
             log=lambda s: None)
         outs[use_tags] = {r["post_id"]: r for r in read_results(out)[0].to_pylist()}
-    tagger = Tagger.from_checkpoint(checkpoint)
+    tagger = Tagger.from_checkpoint(tiny_checkpoint)
     with_tags = tagger.predict([r["image"] for r in sample], tags=[r["tags"] for r in sample])
     image_only = tagger.predict([r["image"] for r in sample])
     differ = 0

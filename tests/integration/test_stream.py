@@ -15,44 +15,15 @@ import boto3
 import pytest
 import redis
 import requests
-import torch
 from PIL import Image
 
 from ingest.queue import Keys, enqueue, read_result
-from ingest.shards import iter_examples, load_info
-from ingest.storage import Storage
-from ingest.synth import SynthConfig, synthesize
-from model.checkpoint import Labels, save
-from model.config import preset
-from model.network import DanmulNet
 from model.tagger import Tagger
-from ray_jobs.local_redis import RedisServer, free_port
+from ray_jobs.local_redis import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KEYS = Keys()
 HTTP_PORT = free_port()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    uri = str(tmp_path_factory.mktemp("data") / "danmul")
-    synthesize(SynthConfig(out=uri, characters=6, images=150, image_size=32, seed=3, workers=1), progress=False)
-    return uri
-
-
-@pytest.fixture(scope="module")
-def rows(dataset):
-    return [r for split in ("train", "val", "test") for r in iter_examples(Storage(dataset), split)]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(dataset, tmp_path_factory):
-    info = load_info(Storage(dataset))
-    torch.manual_seed(0)
-    net = DanmulNet(preset("tiny", num_characters=info.num_characters, num_tags=len(info.tags), image_size=32))
-    path = str(tmp_path_factory.mktemp("ckpt") / "model")
-    save(path, net, Labels(info.characters, info.tags))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +90,9 @@ def encoded(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def test_500_uploads_with_bad_ones_give_one_outcome_each(ray_cluster, checkpoint, rows, s3_bucket, tmp_path):
-    server = RedisServer(str(tmp_path))
-    server.start()
+def test_500_uploads_with_bad_ones_give_one_outcome_each(ray_cluster, tiny_checkpoint, tiny_rows, s3_bucket,
+                                                          tmp_path, redis_server):
+    server = redis_server
     bucket = s3_bucket[len("s3://"):]
     s3 = boto3.client("s3")
     root = tmp_path / "uploads"
@@ -130,12 +101,12 @@ def test_500_uploads_with_bad_ones_give_one_outcome_each(ray_cluster, checkpoint
     s3.put_object(Bucket=bucket, Key="bad/empty.jpg", Body=b"")
     s3.put_object(Bucket=bucket, Key="bad/huge.jpg", Body=b"\xff" * ((32 << 20) + 10))
     s3.put_object(Bucket=bucket, Key="bad/bomb.png", Body=encoded(Image.new("1", (9000, 6000)), "PNG"))
-    truncated = rows[0]["image"][: len(rows[0]["image"]) // 2]
+    truncated = tiny_rows[0]["image"][: len(tiny_rows[0]["image"]) // 2]
 
     c = redis.Redis(port=server.port)
     good: dict[int, list[str] | None] = {}
     for i in range(450):
-        row = rows[i % len(rows)]
+        row = tiny_rows[i % len(tiny_rows)]
         post_id, tags = 10_000 + i, (row["tags"] if i % 2 else None)
         good[post_id] = tags
         if i % 3 == 0:
@@ -154,44 +125,41 @@ def test_500_uploads_with_bad_ones_give_one_outcome_each(ray_cluster, checkpoint
         *[("too_large", dict(image_uri=f"{s3_bucket}/bad/huge.jpg")) for _ in range(3)],
         *[("empty", dict(image_uri=f"{s3_bucket}/bad/empty.jpg")) for _ in range(4)],
         *[("missing_image", dict()) for _ in range(5)],
-        *[("bad_tags", dict(image=rows[1]["image"], tags="x" * 300)) for _ in range(5)],
+        *[("bad_tags", dict(image=tiny_rows[1]["image"], tags="x" * 300)) for _ in range(5)],
         *[("forbidden_path", dict(image_uri=str(tmp_path / "outside.jpg"))) for _ in range(5)],
     ]
     for i, (_, kw) in enumerate(bad):
         enqueue(c, KEYS, 90_000 + i, **kw)
     for _ in range(5):
-        enqueue(c, KEYS, None, image=rows[2]["image"])  # no post_id
+        enqueue(c, KEYS, None, image=tiny_rows[2]["image"])  # no post_id
     expected_dead = Counter(r for r, _ in bad) + Counter({"missing_post_id": 5})
     assert sum(expected_dead.values()) == 50
 
-    s = settings(checkpoint, server.url, local_roots=str(root), consumers=1, max_in_flight=32)
-    try:
-        with running(s):
-            wait_for(c, 500)
-            assert_exactly_once(c, set(good), dead=50)
-            dead = [e for _, e in c.xrange(KEYS.dead)]
-            assert Counter(e[b"reason"].decode() for e in dead) == expected_dead
-            assert all(e[b"detail"] or e[b"reason"] in (b"missing_image", b"missing_post_id") for e in dead)
-            # the streamed results are the model's: the same as Tagger.predict with the same tags
-            tagger = Tagger.from_checkpoint(checkpoint)
-            for post_id in list(good)[:24]:
-                i = post_id - 10_000
-                [want] = tagger.predict([rows[i % len(rows)]["image"]], tags=[good[post_id]])
-                got = read_result(c, KEYS, post_id)
-                assert [n for n, _ in got["characters"]] == [n for n, _ in want.characters]
-                assert abs(got["characters"][0][1] - want.characters[0][1]) < 1e-4
-                assert set(got["tags"]) == set(want.tags)
-            m = metric_values(s.metrics_port)
-            assert m['danmul_uploads_total{outcome="tagged"}'] == 450
-            assert m['danmul_uploads_total{outcome="dead_letter"}'] == 50
-            for reason, n in expected_dead.items():
-                assert m[f'danmul_dead_letters_total{{reason="{reason}"}}'] == n
-            assert m["danmul_end_to_end_seconds_count"] == 500
-            assert m['danmul_stage_seconds_count{stage="inference"}'] == 450
-            assert m["danmul_batch_size_sum"] == 450 and m["danmul_batch_size_count"] < 450  # batches formed
-            assert m['danmul_queue_pending{group="danmul-taggers"}'] >= 0
-    finally:
-        server.stop()
+    s = settings(tiny_checkpoint, server.url, local_roots=str(root), consumers=1, max_in_flight=32)
+    with running(s):
+        wait_for(c, 500)
+        assert_exactly_once(c, set(good), dead=50)
+        dead = [e for _, e in c.xrange(KEYS.dead)]
+        assert Counter(e[b"reason"].decode() for e in dead) == expected_dead
+        assert all(e[b"detail"] or e[b"reason"] in (b"missing_image", b"missing_post_id") for e in dead)
+        # the streamed results are the model's: the same as Tagger.predict with the same tags
+        tagger = Tagger.from_checkpoint(tiny_checkpoint)
+        for post_id in list(good)[:24]:
+            i = post_id - 10_000
+            [want] = tagger.predict([tiny_rows[i % len(tiny_rows)]["image"]], tags=[good[post_id]])
+            got = read_result(c, KEYS, post_id)
+            assert [n for n, _ in got["characters"]] == [n for n, _ in want.characters]
+            assert abs(got["characters"][0][1] - want.characters[0][1]) < 1e-4
+            assert set(got["tags"]) == set(want.tags)
+        m = metric_values(s.metrics_port)
+        assert m['danmul_uploads_total{outcome="tagged"}'] == 450
+        assert m['danmul_uploads_total{outcome="dead_letter"}'] == 50
+        for reason, n in expected_dead.items():
+            assert m[f'danmul_dead_letters_total{{reason="{reason}"}}'] == n
+        assert m["danmul_end_to_end_seconds_count"] == 500
+        assert m['danmul_stage_seconds_count{stage="inference"}'] == 450
+        assert m["danmul_batch_size_sum"] == 450 and m["danmul_batch_size_count"] < 450  # batches formed
+        assert m['danmul_queue_pending{group="danmul-taggers"}'] >= 0
 
 
 def kill_one(deployment: str) -> None:
@@ -209,97 +177,87 @@ def enqueue_good(c: redis.Redis, rows, n: int) -> set[int]:
     return {20_000 + i for i in range(n)}
 
 
-def test_killed_consumer_and_model_replica_lose_and_duplicate_nothing(ray_cluster, checkpoint, rows, tmp_path):
-    server = RedisServer(str(tmp_path))
-    server.start()
-    c = redis.Redis(port=server.port)
-    s = settings(checkpoint, server.url, consumers=2, min_replicas=2, max_replicas=2, replica_cpus=0.5,
+def disrupt_mid_stream(c: redis.Redis, rows, n: int, after: int, disrupt) -> None:
+    """Enqueue ``n`` good uploads, ``disrupt()`` once ``after`` results are in, then require exactly one
+    result per upload and nothing pending."""
+    posts = enqueue_good(c, rows, n)
+    while c.xlen(KEYS.results) < after:
+        time.sleep(0.05)
+    disrupt()
+    at_disruption = c.xlen(KEYS.results)
+    wait_for(c, n)
+    assert at_disruption < n  # it really happened mid-stream
+    assert_exactly_once(c, posts)
+
+
+def test_killed_consumer_and_model_replica_lose_and_duplicate_nothing(ray_cluster, tiny_checkpoint, tiny_rows,
+                                                                      redis_server):
+    s = settings(tiny_checkpoint, redis_server.url, consumers=2, min_replicas=2, max_replicas=2, replica_cpus=0.5,
                  claim_idle_s=3, max_in_flight=16)
-    try:
-        with running(s):
-            posts = enqueue_good(c, rows, 400)
-            while c.xlen(KEYS.results) < 60:
-                time.sleep(0.1)
-            kill_one("UploadConsumer")
-            kill_one("TaggerModel")
-            at_kill = c.xlen(KEYS.results)
-            wait_for(c, 400)
-            assert at_kill < 400  # the kills really happened mid-stream
-            assert_exactly_once(c, posts)
-    finally:
-        server.stop()
+
+    def kill() -> None:
+        kill_one("UploadConsumer")
+        kill_one("TaggerModel")
+
+    with running(s):
+        disrupt_mid_stream(redis.Redis(port=redis_server.port), tiny_rows, 400, 60, kill)
 
 
-def test_redis_restart_mid_stream(ray_cluster, checkpoint, rows, tmp_path):
-    server = RedisServer(str(tmp_path))
-    server.start()
-    c = redis.Redis(port=server.port)
-    s = settings(checkpoint, server.url, consumers=1, max_in_flight=16)
-    try:
-        with running(s):
-            posts = enqueue_good(c, rows, 300)
-            while c.xlen(KEYS.results) < 50:
-                time.sleep(0.05)
-            server.stop()  # SIGTERM with the append-only file on: the streams survive the restart
-            time.sleep(3)
-            server.start()
-            before = c.xlen(KEYS.results)
-            wait_for(c, 300)
-            assert before < 300  # the restart really happened mid-stream
-            assert_exactly_once(c, posts)
-    finally:
-        server.stop()
+def test_redis_restart_mid_stream(ray_cluster, tiny_checkpoint, tiny_rows, redis_server):
+    def restart() -> None:
+        redis_server.stop()  # SIGTERM with the append-only file on: the streams survive the restart
+        time.sleep(3)
+        redis_server.start()
+
+    with running(settings(tiny_checkpoint, redis_server.url, consumers=1, max_in_flight=16)):
+        disrupt_mid_stream(redis.Redis(port=redis_server.port), tiny_rows, 300, 50, restart)
 
 
-def test_http_evaluate_like_danbooru_and_v1_tag(ray_cluster, checkpoint, rows, tmp_path):
-    server = RedisServer(str(tmp_path))
-    server.start()
-    s = settings(checkpoint, server.url, max_request_bytes=300_000)
+def test_http_evaluate_like_danbooru_and_v1_tag(ray_cluster, tiny_checkpoint, tiny_rows, redis_server):
+    server = redis_server
+    s = settings(tiny_checkpoint, server.url, max_request_bytes=300_000)
     base = f"http://127.0.0.1:{HTTP_PORT}"
-    tagger = Tagger.from_checkpoint(checkpoint)
-    try:
-        with running(s):
-            health = requests.get(f"{base}/health", timeout=30).json()
-            assert health["status"] == "ok" and health["model"] == tagger.version
+    tagger = Tagger.from_checkpoint(tiny_checkpoint)
+    with running(s):
+        health = requests.get(f"{base}/health", timeout=30).json()
+        assert health["status"] == "ok" and health["model"] == tagger.version
 
-            # Danbooru's autotagger client: multipart "file", threshold, format=json
-            a, b = rows[0]["image"], rows[1]["image"]
-            r = requests.post(f"{base}/evaluate", timeout=60, data={"threshold": "0.01", "format": "json"},
-                              files=[("file", ("a.jpg", a, "image/jpeg")), ("file", ("b.jpg", b, "image/jpeg")),
-                                     ("file", ("c.jpg", b"not an image", "image/jpeg"))])
-            assert r.status_code == 200, r.text
-            out = r.json()
-            assert [o["filename"] for o in out] == ["a.jpg", "b.jpg", "c.jpg"]
-            [want] = tagger.predict([a])
-            scores = out[0]["tags"]
-            assert want.best_character[0] in scores  # the character tag is included
-            assert abs(scores[want.best_character[0]] - want.best_character[1]) < 1e-4
-            assert next(iter(scores)) == want.best_character[0] and len(scores) <= 50  # characters come first
-            general = [v for k, v in scores.items() if k not in tagger.labels.characters]
-            assert general == sorted(general, reverse=True) and len(general) > 0
-            assert all(v >= 0.01 for v in scores.values())
-            assert out[2]["tags"] == {} and out[2]["error"] == "not_an_image"
-            limited = requests.post(f"{base}/evaluate", timeout=60, data={"threshold": "0", "limit": "3"},
-                                    files={"file": ("a.jpg", a)}).json()
-            assert len(limited[0]["tags"]) == 3
+        # Danbooru's autotagger client: multipart "file", threshold, format=json
+        a, b = tiny_rows[0]["image"], tiny_rows[1]["image"]
+        r = requests.post(f"{base}/evaluate", timeout=60, data={"threshold": "0.01", "format": "json"},
+                          files=[("file", ("a.jpg", a, "image/jpeg")), ("file", ("b.jpg", b, "image/jpeg")),
+                                 ("file", ("c.jpg", b"not an image", "image/jpeg"))])
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert [o["filename"] for o in out] == ["a.jpg", "b.jpg", "c.jpg"]
+        [want] = tagger.predict([a])
+        scores = out[0]["tags"]
+        assert want.best_character[0] in scores  # the character tag is included
+        assert abs(scores[want.best_character[0]] - want.best_character[1]) < 1e-4
+        assert next(iter(scores)) == want.best_character[0] and len(scores) <= 50  # characters come first
+        general = [v for k, v in scores.items() if k not in tagger.labels.characters]
+        assert general == sorted(general, reverse=True) and len(general) > 0
+        assert all(v >= 0.01 for v in scores.values())
+        assert out[2]["tags"] == {} and out[2]["error"] == "not_an_image"
+        limited = requests.post(f"{base}/evaluate", timeout=60, data={"threshold": "0", "limit": "3"},
+                                files={"file": ("a.jpg", a)}).json()
+        assert len(limited[0]["tags"]) == 3
 
-            # /v1/tag: raw body with tags in the query, or multipart
-            r = requests.post(f"{base}/v1/tag", params={"tags": " ".join(rows[0]["tags"])}, data=a,
-                              headers={"content-type": "image/jpeg"}, timeout=60)
-            assert r.status_code == 200, r.text
-            [want] = tagger.predict([a], tags=[rows[0]["tags"]])
-            body = r.json()
-            assert body["model"] == tagger.version and set(body["tags"]) == set(want.tags)
-            assert [n for n, _ in body["characters"]] == [n for n, _ in want.characters]
-            r = requests.post(f"{base}/v1/tag", files={"file": ("x.png", b"\x89PNG\r\n\x1a\nbroken")}, timeout=60)
-            assert r.status_code == 422 and ("truncated" in r.text or "not_an_image" in r.text)
-            # bodies over the limit are refused before they are read; no file is a client error
-            r = requests.post(f"{base}/v1/tag", data=b"\0" * 400_000, headers={"content-type": "image/jpeg"},
-                              timeout=60)
-            assert r.status_code == 413
-            assert requests.post(f"{base}/evaluate", data={"threshold": "0.1"}, timeout=60).status_code == 400
-            m = metric_values(s.metrics_port)
-            assert m['danmul_http_requests_total{code="200",endpoint="evaluate"}'] == 2
-            assert m['danmul_http_requests_total{code="413",endpoint="v1_tag"}'] == 1
-    finally:
-        server.stop()
+        # /v1/tag: raw body with tags in the query, or multipart
+        r = requests.post(f"{base}/v1/tag", params={"tags": " ".join(tiny_rows[0]["tags"])}, data=a,
+                          headers={"content-type": "image/jpeg"}, timeout=60)
+        assert r.status_code == 200, r.text
+        [want] = tagger.predict([a], tags=[tiny_rows[0]["tags"]])
+        body = r.json()
+        assert body["model"] == tagger.version and set(body["tags"]) == set(want.tags)
+        assert [n for n, _ in body["characters"]] == [n for n, _ in want.characters]
+        r = requests.post(f"{base}/v1/tag", files={"file": ("x.png", b"\x89PNG\r\n\x1a\nbroken")}, timeout=60)
+        assert r.status_code == 422 and ("truncated" in r.text or "not_an_image" in r.text)
+        # bodies over the limit are refused before they are read; no file is a client error
+        r = requests.post(f"{base}/v1/tag", data=b"\0" * 400_000, headers={"content-type": "image/jpeg"},
+                          timeout=60)
+        assert r.status_code == 413
+        assert requests.post(f"{base}/evaluate", data={"threshold": "0.1"}, timeout=60).status_code == 400
+        m = metric_values(s.metrics_port)
+        assert m['danmul_http_requests_total{code="200",endpoint="evaluate"}'] == 2
+        assert m['danmul_http_requests_total{code="413",endpoint="v1_tag"}'] == 1
