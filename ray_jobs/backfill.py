@@ -19,6 +19,7 @@ the driver sees one small summary row per block (counts for the progress bar and
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import sys
 import time
@@ -53,7 +54,8 @@ class BackfillConfig:
     use_tags: bool = field(default=True, metadata={
         "help": "feed the tags of a manifest (tags column) or dataset to the model; off: image only"})
     batch_size: int = field(default=64, metadata={"help": "images per model batch"})
-    actors: int = field(default=0, metadata={"help": "predictor actors (default: one per GPU, else 1)"})
+    actors: int = field(default=0, metadata={
+        "help": "predictor actors (default: one per GPU; without GPUs one per CPU, less one for decoding)"})
     decode_cpus: float = field(default=0.5, metadata={
         "help": "CPUs per decode task (not the predictors' share, so decoding runs in tasks of its own)"})
     limit: int = field(default=0, metadata={"help": "process at most this many images this run (0: all)"})
@@ -218,10 +220,14 @@ class Predictor:
 
     def __init__(self, checkpoint: str, out: str, endpoint_url: str | None, top_k: int, batch_size: int,
                  redis_url: str | None, prefix: str):
+        import torch
+
         from ingest.storage import Storage
         from model.tagger import Tagger
 
         self.tagger = Tagger.from_checkpoint(Storage(checkpoint, endpoint_url), batch_size=batch_size)
+        if self.tagger.device.type == "cpu":
+            torch.set_num_threads(1)  # one core per predictor actor (see run)
         self.out = Storage(out, endpoint_url)
         self.top_k = top_k
         self.redis = None
@@ -285,9 +291,12 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
     from ray_jobs.local_ray import ensure_ray
 
     out = Storage(cfg.out, cfg.endpoint_url)
-    ensure_ray(cfg.address)
+    # A local Ray without GPUs: one single-threaded predictor per core (per core-second that is more
+    # images than one predictor with every core: a tiny model's ops are too small to split well) plus a
+    # logical CPU for the decode tasks; the OS shares the cores among them.
+    ensure_ray(cfg.address, (cfg.actors or os.cpu_count() or 1) + 1)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = cfg.actors or max(1, gpus)
+    actors = cfg.actors or (gpus if gpus else max(1, int(ray.cluster_resources().get("CPU", 2)) - 1))
     ds, kind = read_input(cfg)
     done = done_post_ids(out)
     if len(done):
