@@ -84,7 +84,7 @@ def test_demo_quick_runs_end_to_end_and_leaves_no_processes(tmp_path):
     before = _ray_daemons()
     proc = danmul("demo", "--quick", "--out", str(tmp_path / "demo"))
     out = proc.stdout
-    for step in ("== step 1", "== step 2", "== step 3", "demo finished"):
+    for step in ("== step 1", "== step 2", "== step 3", "== step 4", "demo finished"):
         assert step in out, out[-3000:]
     assert "| image only |" in out and "| image + tags |" in out  # the evaluation table
     # the streaming step: every good upload tagged, each broken one dead-lettered with its reason
@@ -93,6 +93,10 @@ def test_demo_quick_runs_end_to_end_and_leaves_no_processes(tmp_path):
     for reason in ("truncated", "not_an_image", "missing_post_id", "bad_tags", "forbidden_path"):
         assert f"reason={reason}" in out
     assert "streamed top-1 accuracy, with tags" in out and "p99" in out
+    # the backfill step: the whole test split tagged, the one broken file recorded as an error
+    m = re.search(r"backfill: (\d+) tagged, 1 error\(s\) \(not_an_image\)", out)
+    assert m and int(m.group(1)) > 0, out[-3000:]
+    assert list((tmp_path / "demo" / "backfill" / "results").glob("part-*.parquet"))
     assert load_info(Storage(str(tmp_path / "demo" / "data"))).num_images > 0
     assert (tmp_path / "demo" / "runs" / "demo" / "model" / "model.safetensors").exists()
     deadline = time.monotonic() + 30  # Ray's daemons exit a moment after the driver
