@@ -58,6 +58,8 @@ class BackfillConfig:
         "help": "predictor actors (default: one per GPU; without GPUs one per CPU, less one for decoding)"})
     decode_cpus: float = field(default=0.5, metadata={
         "help": "CPUs per decode task (not the predictors' share, so decoding runs in tasks of its own)"})
+    buffer_mb: int = field(default=512, metadata={
+        "help": "object-store memory the pipeline may hold between stages, MiB (bounds memory)"})
     limit: int = field(default=0, metadata={"help": "process at most this many images this run (0: all)"})
     top_k: int = field(default=5, metadata={"help": "characters kept per image"})
     redis: str | None = field(default=None, metadata={
@@ -284,6 +286,7 @@ class BackfillResult:
 
 def run(cfg: BackfillConfig, log=print) -> BackfillResult:
     import ray
+    import ray.data
     from ray.data import ActorPoolStrategy
 
     from ingest.storage import Storage
@@ -297,6 +300,11 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
     ensure_ray(cfg.address, (cfg.actors or os.cpu_count() or 1) + 1)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = cfg.actors or (gpus if gpus else max(1, int(ray.cluster_resources().get("CPU", 2)) - 1))
+    # Bound what waits between the stages (decoded images are the bulk: 3 x S x S floats each): Ray Data
+    # stops feeding a stage whose outputs would pass this, so memory stays flat however big the archive.
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=cfg.buffer_mb * 2**20)
     ds, kind = read_input(cfg)
     done = done_post_ids(out)
     if len(done):
