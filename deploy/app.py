@@ -12,8 +12,8 @@
 The consumer is where the exactly-once rule lives (see ``ingest.queue``): a result or dead letter is
 written only together with the acknowledgement, and anything that fails for a reason that may pass
 (storage trouble, a model replica dying, Redis restarting) is left pending for another delivery.
-Thresholds, batch size and batch wait are ``user_config`` of the model deployment: ``serve deploy``
-with new values changes them without restarting replicas.
+Thresholds, batch size and batch wait are ``user_config`` of the model deployment, applied in
+``reconfigure`` (with a ``serve deploy`` config file Serve does that on running replicas).
 """
 
 from __future__ import annotations
@@ -100,8 +100,9 @@ class TaggerModel:
 
     def info(self) -> dict:
         cfg = self.tagger.config
-        return {"model": self.tagger.version, "image_size": cfg.image_size, "image_model": cfg.image_model,
-                "characters": len(self.tagger.labels.characters), "tags": len(self.tagger.labels.tags)}
+        return {"model": self.tagger.version, "pid": os.getpid(), "image_size": cfg.image_size,
+                "image_model": cfg.image_model, "characters": len(self.tagger.labels.characters),
+                "tags": len(self.tagger.labels.tags)}
 
     async def tag(self, image: bytes, tags: list[str] | None = None, threshold: float | None = None,
                   top_k: int | None = None) -> dict:
@@ -419,24 +420,29 @@ def build_app(s: ServeSettings, gpus_available: bool = False):
         **scaling, **quiet, user_config=user_config, max_ongoing_requests=max(4 * s.max_batch_size, 64),
         ray_actor_options={"num_cpus": s.replica_cpus, "num_gpus": gpus, "runtime_env": env},
     ).bind(s.checkpoint, s.endpoint_url, s.device, max(1, int(s.replica_cpus)))  # fmt: skip
+    consumer_settings = {k: v for k, v in asdict(s).items() if k not in MODEL_ONLY}
     consumer = UploadConsumer.options(
         num_replicas=s.consumers, **quiet, graceful_shutdown_timeout_s=30, health_check_period_s=5,
         ray_actor_options={"num_cpus": 0.25, "runtime_env": env},
-    ).bind(model, asdict(s))  # fmt: skip
+    ).bind(model, consumer_settings)  # fmt: skip
     return TaggerAPI.options(**quiet, ray_actor_options={"num_cpus": 0.1, "runtime_env": env}).bind(
         model, consumer, s.max_request_bytes)
 
 
+# settings only the model replicas use: the consumers get their defaults, so they stay the same
+MODEL_ONLY = {"tag_threshold", "character_threshold", "top_k", "batch_wait_timeout_s", "min_replicas",
+              "max_replicas", "replica_cpus", "replica_gpus", "device"}
+
+
 def deploy(s: ServeSettings, blocking: bool = False) -> DeploymentHandle:
     """Start (or update) the application on the connected Ray cluster; returns the API's handle."""
-    import glob
-
     import ray
+
+    from deploy.metrics import remove_dead_files
 
     path = metrics_dir(s.metrics_port)
     os.makedirs(path, exist_ok=True)
-    for f in glob.glob(os.path.join(path, "*.db")):  # a fresh start: last run's samples are gone
-        os.remove(f)
+    remove_dead_files(path)  # samples of an earlier run's processes
     serve.start(http_options={"host": s.http_host, "port": s.http_port})
     gpus = ray.cluster_resources().get("GPU", 0) > 0
     return serve.run(build_app(s, gpus), name=APP_NAME, route_prefix="/", blocking=blocking)

@@ -71,6 +71,7 @@ BACKFILL_RATE = Gauge("danmul_backfill_images_per_second", "Backfill throughput 
                       multiprocess_mode="mostrecent")
 
 _LIVE_FILE = re.compile(r"_live\w*_(\d+)\.db$")
+_PID = re.compile(r"_(\d+)\.db$")
 
 
 def _alive(pid: int) -> bool:
@@ -81,6 +82,18 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def remove_dead_files(path: str) -> int:
+    """Delete the sample files of processes no longer alive (a fresh ``danmul serve`` starts from zero;
+    the files of a running one are kept, so a config update does not reset its counters)."""
+    removed = 0
+    for f in glob.glob(os.path.join(path, "*.db")):
+        m = _PID.search(f)
+        if m and not _alive(int(m.group(1))):
+            os.remove(f)
+            removed += 1
+    return removed
 
 
 class NodeCollector:

@@ -128,7 +128,9 @@ def read_input(cfg: BackfillConfig):
     if not parts:
         raise ValueError(f"no image files under {storage.uri}")
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    return ds, kind
+    # The listing (ids and URIs: tens of bytes a post) is kept, so its size is known for the ETA and
+    # the archive is listed once.
+    return ds.materialize(), kind
 
 
 def _dataset_rows(batch: pa.Table, use_tags: bool) -> pa.Table:
@@ -306,6 +308,7 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=cfg.buffer_mb * 2**20)
     ds, kind = read_input(cfg)
+    total = ds.count()  # Parquet metadata for manifests and datasets; the kept listing for a prefix
     done = done_post_ids(out)
     if len(done):
         log(f"resuming: {len(done):,} posts already in {out.uri} are skipped")
@@ -322,9 +325,10 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
                                    prefix=cfg.prefix),
     )  # fmt: skip
     metrics = _metrics(cfg.metrics_port)
-    log(f"backfill of {cfg.input} ({kind}) -> {out.uri} with {actors} predictor(s)"
+    log(f"backfill of {total:,} images in {cfg.input} ({kind}) -> {out.uri} with {actors} predictor(s)"
         f"{' on GPUs' if gpus else ' on CPU'}, batch {cfg.batch_size}")
-    bar = _progress(cfg.progress)
+    todo = max(0, total - len(done))
+    bar = _progress(cfg.progress, min(todo, cfg.limit) if cfg.limit else todo)
     processed = errors = 0
     t0 = time.perf_counter()
     for summary in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -346,12 +350,14 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
     return BackfillResult(processed, errors, len(done), seconds, rate)
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, total: int):
+    """images/s and ETA; ``total`` counts the input less what was done before (an estimate when the
+    input has posts the output holds that are no longer in it)."""
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(unit="img", desc="backfill", file=sys.stderr, smoothing=0.1, mininterval=1.0)
+    return tqdm(total=total, unit="img", desc="backfill", file=sys.stderr, smoothing=0.1, mininterval=1.0)
 
 
 def _metrics(port: int) -> dict | None:

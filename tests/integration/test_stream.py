@@ -261,3 +261,25 @@ def test_http_evaluate_like_danbooru_and_v1_tag(ray_cluster, tiny_checkpoint, ti
         m = metric_values(s.metrics_port)
         assert m['danmul_http_requests_total{code="200",endpoint="evaluate"}'] == 2
         assert m['danmul_http_requests_total{code="413",endpoint="v1_tag"}'] == 1
+
+
+def test_new_user_config_changes_thresholds_and_batching(ray_cluster, tiny_checkpoint, tiny_rows, redis_server):
+    from ray import serve
+
+    from deploy.app import deploy
+
+    image, tags = tiny_rows[0]["image"], tiny_rows[0]["tags"]
+    s = settings(tiny_checkpoint, redis_server.url)
+    with running(s):
+        model = serve.get_deployment_handle("TaggerModel", app_name="danmul")
+        calibrated = model.tag.remote(image, tags).result()
+        [want] = Tagger.from_checkpoint(tiny_checkpoint).predict([image], tags=[tags])
+        assert set(calibrated["tags"]) == set(want.tags)
+        s.tag_threshold, s.character_threshold, s.top_k, s.max_batch_size = 0.0, 1.01, 3, 4
+        deploy(s)  # the same application with a new user_config
+        info = model.info.remote().result()
+        changed = [r.result() for r in [model.tag.remote(image, tags) for _ in range(12)]]
+    assert all(len(c["tags"]) == info["tags"] for c in changed)  # threshold 0: every tag
+    assert all(c["characters"] == [] and c["abstained"] for c in changed)  # threshold above 1: abstains
+    assert changed[0]["best_character"][0] == want.best_character[0]
+    assert max(c["batch_size"] for c in changed) <= 4  # the new batch limit
