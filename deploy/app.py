@@ -434,6 +434,30 @@ MODEL_ONLY = {"tag_threshold", "character_threshold", "top_k", "batch_wait_timeo
               "max_replicas", "replica_cpus", "replica_gpus", "device"}
 
 
+def app_builder(args: dict):
+    """Serve's application builder, for config files and KubeRay (``import_path: deploy.app:app_builder``):
+    ``args`` are :class:`ServeSettings` fields (``redis`` may come from ``DANMUL_REDIS_URL`` instead,
+    so the URL can live in a Secret). Deployed this way, a new ``user_config`` in the config
+    (thresholds, batching) is applied by ``reconfigure`` on the running replicas."""
+    import ray
+
+    if "redis" not in args and os.environ.get("DANMUL_REDIS_URL"):  # from a Kubernetes Secret
+        args = {**args, "redis": os.environ["DANMUL_REDIS_URL"]}
+    gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    return build_app(ServeSettings(**args), gpus)
+
+
+def serve_config(s: ServeSettings) -> dict:
+    """A Serve config file (``serve deploy`` / ``serve run`` / a RayService's ``serveConfigV2``) for these
+    settings."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": s.http_host, "port": s.http_port},
+        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "deploy.app:app_builder",
+                          "args": asdict(s)}],
+    }  # fmt: skip
+
+
 def deploy(s: ServeSettings, blocking: bool = False) -> DeploymentHandle:
     """Start (or update) the application on the connected Ray cluster; returns the API's handle."""
     import ray

@@ -131,7 +131,17 @@ def _serve(args: argparse.Namespace) -> int:
     from deploy.settings import ServeSettings
     from ray_jobs.stream import serve_forever
 
-    serve_forever(cfgmod.resolve(ServeSettings, args, args.config), log=lambda line: print(line, flush=True))
+    settings = cfgmod.resolve(ServeSettings, args, args.config)
+    if args.write_config:
+        import yaml
+
+        from deploy.app import serve_config
+
+        with open(args.write_config, "w") as f:
+            yaml.safe_dump(serve_config(settings), f, sort_keys=False)
+        print(f"wrote {args.write_config}: deploy it with `serve deploy {args.write_config}` or in a RayService")
+        return 0
+    serve_forever(settings, log=lambda line: print(line, flush=True))
     return 0
 
 
@@ -280,8 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ray_jobs.backfill import BackfillConfig
     from ray_jobs.stream import EnqueueSettings
 
-    _settings_command(sub, "serve", "run the streaming tagger: Redis uploads in, tags back, HTTP API, metrics",
-                      ServeSettings, _serve)
+    p = _settings_command(sub, "serve", "run the streaming tagger: Redis uploads in, tags back, HTTP API, metrics",
+                          ServeSettings, _serve)
+    p.add_argument("--write-config", metavar="FILE.yaml",
+                   help="write these settings as a Serve config file (serve deploy, KubeRay) and exit")
     p = _settings_command(sub, "enqueue", "put uploads on the stream (image files, s3:// URIs or a dataset split)",
                           EnqueueSettings, _enqueue)
     p.add_argument("sources", nargs="*", help="image files or s3:// URIs (post id from a numeric file name)")

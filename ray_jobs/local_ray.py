@@ -7,15 +7,17 @@ import sys
 
 
 def ensure_ray(address: str | None, cpus_needed: float = 0, dashboard: bool = False) -> None:
-    """Connect to ``address``, or start a local Ray with at least ``cpus_needed`` logical CPUs (on a small
-    machine the job's actors and tasks share the cores). ``dashboard`` also starts the State API (Ray
-    Train's clean-up needs it). Ray Data's per-execution INFO lines go to its log file in the session
-    folder rather than the console (unless ``RAY_DATA_LOGGING_CONFIG`` says otherwise)."""
+    """Connect to ``address`` (else ``RAY_ADDRESS``, as ``ray job submit`` and KubeRay set it), or start a
+    local Ray with at least ``cpus_needed`` logical CPUs (on a small machine the job's actors and tasks
+    share the cores). ``dashboard`` also starts the State API (Ray Train's clean-up needs it). Ray Data's
+    per-execution INFO lines go to its log file in the session folder rather than the console (unless
+    ``RAY_DATA_LOGGING_CONFIG`` says otherwise)."""
     import ray
     import ray.data
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
         return
