@@ -104,3 +104,41 @@ def test_sigterm_mid_stream_then_restart(redis_server, tmp_path):
     answered = [e[b"upload_id"] for _, e in c.xrange(KEYS.results)]
     assert len(answered) == N and set(answered) == set(ids)
     assert c.xinfo_groups(KEYS.uploads)[0]["pending"] == 0
+
+
+def test_serve_config_written_by_the_cli_runs_with_ray_serve(redis_server, tiny_checkpoint, tiny_rows, tmp_path):
+    """`danmul serve --write-config` then Ray's own `serve run CONFIG`: the app builds from the config,
+    answers HTTP and tags uploads from Redis."""
+    import requests
+
+    from ingest.queue import enqueue
+
+    http_port = free_port()
+    config = tmp_path / "serve.yaml"
+    proc = subprocess.run([*DANMUL, "serve", "--checkpoint", tiny_checkpoint, "--redis", redis_server.url,
+                           "--http-port", str(http_port), "--metrics-port", str(free_port()),
+                           "--write-config", str(config)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    c = redis.Redis(port=redis_server.port)
+    for r in tiny_rows[:20]:
+        enqueue(c, KEYS, r["post_id"], image=r["image"], tags=r["tags"])
+    log_path = tmp_path / "serve-run.log"
+    serve_cli = os.path.join(os.path.dirname(sys.executable), "serve")
+    with open(log_path, "w") as log:
+        run = subprocess.Popen([serve_cli, "run", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while c.xlen(KEYS.results) < 20:
+                assert run.poll() is None and time.monotonic() < deadline, tail(log_path)
+                time.sleep(0.5)
+            health = requests.get(f"http://127.0.0.1:{http_port}/health", timeout=30).json()
+            assert health["status"] == "ok"
+        finally:
+            run.send_signal(signal.SIGINT)
+            try:
+                run.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+    assert c.xlen(KEYS.results) == 20 and c.xlen(KEYS.dead) == 0
