@@ -93,7 +93,18 @@ def backfill() -> dict[str, Any]:
     ], "danmul backfill jobs (each driver serves its counters on --metrics-port)")  # fmt: skip
 
 
-DASHBOARDS = {"streaming.json": streaming, "backfill.json": backfill}
+def training() -> dict[str, Any]:
+    return dashboard("danmul-training", "danmul / training", [
+        panel("Loss", [("max(danmul_train_loss)", "train loss")]),
+        panel("Validation top-1", [("max by (mode) (danmul_train_val_top1)", "{{mode}}")], "percentunit"),
+        panel("Samples/s", [("max(danmul_train_samples_per_second)", "all workers")], width=8),
+        panel("Curriculum: tag drop rate", [("max(danmul_train_text_drop_rate)", "drop")], "percentunit",
+              width=8),
+        panel("Progress", [("max(danmul_train_epoch)", "epoch"), ("max(danmul_train_step)", "step")], width=8),
+    ], "danmul train: served by the rank-0 worker on --metrics-port; Ray Train's own view is in Ray's dashboard")
+
+
+DASHBOARDS = {"streaming.json": streaming, "backfill.json": backfill, "training.json": training}
 
 
 def render(build) -> str:

@@ -70,6 +70,17 @@ BACKFILL_IMAGES = Counter("danmul_backfill_images_total", "Backfill images finis
 BACKFILL_RATE = Gauge("danmul_backfill_images_per_second", "Backfill throughput since the job started",
                       multiprocess_mode="mostrecent")
 
+# -- training (served by the rank-0 training worker, danmul train --metrics-port) ------------------------------
+TRAIN_LOSS = Gauge("danmul_train_loss", "Training loss of the last step (rank 0)", multiprocess_mode="mostrecent")
+TRAIN_STEP = Gauge("danmul_train_step", "Global training step", multiprocess_mode="mostrecent")
+TRAIN_EPOCH = Gauge("danmul_train_epoch", "Last finished epoch", multiprocess_mode="mostrecent")
+TRAIN_SAMPLES_PER_SECOND = Gauge("danmul_train_samples_per_second", "Training samples/s over the last epoch, all "
+                                 "workers", multiprocess_mode="mostrecent")
+TRAIN_TEXT_DROP = Gauge("danmul_train_text_drop_rate", "Curriculum: current chance of dropping a sample's tags",
+                        multiprocess_mode="mostrecent")
+TRAIN_VAL_TOP1 = Gauge("danmul_train_val_top1", "Validation top-1 character accuracy after the last epoch, by "
+                       "mode (image_only, image_tags)", ["mode"], multiprocess_mode="mostrecent")
+
 _LIVE_FILE = re.compile(r"_live\w*_(\d+)\.db$")
 _PID = re.compile(r"_(\d+)\.db$")
 

@@ -70,6 +70,8 @@ class TrainConfig:
     target_precision: float = field(default=0.9, metadata={"help": "precision the abstention thresholds target"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (else AWS_ENDPOINT_URL)"})
+    metrics_port: int = field(default=0, metadata={
+        "help": "serve danmul_train_* metrics from the rank-0 worker on this port (0: off)"})
 
     def curriculum_config(self) -> CurriculumConfig:
         return CurriculumConfig(kind=self.curriculum, warmup=self.curriculum_warmup, ramp=self.curriculum_ramp,
@@ -208,6 +210,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     labels = Labels(characters, tags)
 
     progress = Storage(config["run_dir"], cfg.endpoint_url) if rank == 0 else None
+    gauges = _train_metrics(cfg.metrics_port) if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         if progress:
             _log_progress(progress, {"event": "start", "epoch": epoch + 1, "global_step": step})
@@ -228,6 +231,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             losses.append(logs["loss"])
             samples += len(batch["characters"])
             step += 1
+            if gauges:
+                gauges.TRAIN_LOSS.set(logs["loss"])
+                gauges.TRAIN_STEP.set(step)
+                gauges.TRAIN_TEXT_DROP.set(logs.get("text_drop", 0.0))
             if len(losses) == 1:
                 _maybe_fail(epoch, rank)
         seconds = time.perf_counter() - t0
@@ -256,9 +263,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       f"val top-1 image-only {metrics['val_image_only_top1']:.3f} / with tags "
                       f"{metrics['val_image_tags_top1']:.3f}  drop {metrics['text_drop']:.2f}  "
                       f"{metrics['samples_per_s']:.0f} samples/s  bad images {metrics['bad_images']}", flush=True)
+                if gauges:
+                    gauges.TRAIN_EPOCH.set(epoch + 1)
+                    gauges.TRAIN_SAMPLES_PER_SECOND.set(metrics["samples_per_s"])
+                    for mode in ("image_only", "image_tags"):
+                        gauges.TRAIN_VAL_TOP1.labels(mode).set(metrics[f"val_{mode}_top1"])
             ray.train.report(metrics, checkpoint=checkpoint)
         if progress:
             _log_progress(progress, {"event": "end", **metrics})
+
+
+def _train_metrics(port: int):
+    """The ``danmul_train_*`` gauges, served on ``port`` by this (rank-0) worker; None when off."""
+    if not port:
+        return None
+    from prometheus_client import start_http_server
+
+    from deploy import metrics
+
+    try:
+        start_http_server(port)
+    except OSError:  # a restarted worker on the same node: the port is still the old one's for a moment
+        print(f"[danmul] metrics port {port} is taken; training metrics are not served", flush=True)
+    return metrics
 
 
 PROGRESS = "progress.jsonl"

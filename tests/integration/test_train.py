@@ -4,6 +4,7 @@ corrupt images in the shards. Each test runs the CLI as a user does, in a subpro
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 
 import numpy as np
@@ -23,6 +25,7 @@ from ingest.shards import load_info
 from ingest.storage import Storage
 from ingest.synth import SynthConfig, synthesize
 from model.tagger import Tagger
+from ray_jobs.local_redis import free_port
 from ray_jobs.train import decode_batch, read_progress
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -131,12 +134,23 @@ def test_rerunning_an_interrupted_run_resumes(tmp_path):
     small_dataset(data)
     runs = tmp_path / "runs"
     args = ["--data", data, "--out", str(runs), "--name", "resume", "--epochs", "4"]
-    first = subprocess.Popen([*TRAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()  # the first run also serves its danmul_train_* metrics (rank-0 worker)
+    first = subprocess.Popen([*TRAIN, *args, "--metrics-port", str(port)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     snapshot = runs / "resume" / "checkpoint_manager_snapshot.json"  # Ray has recorded a checkpoint
     deadline = time.monotonic() + 600
-    while not snapshot.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(1)
+    scraped = ""
+    while not (snapshot.exists() and "danmul_train_epoch 1.0" in scraped) and first.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+        with contextlib.suppress(OSError):
+            scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert snapshot.exists(), "no checkpoint was recorded"
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in scraped.splitlines()
+              if line.startswith("danmul_train_")}
+    assert values["danmul_train_epoch"] >= 1 and values["danmul_train_step"] > 0 and values["danmul_train_loss"] > 0
+    assert 0 <= values['danmul_train_val_top1{mode="image_only"}'] <= 1
+    assert values["danmul_train_samples_per_second"] > 0
     first.send_signal(signal.SIGINT)  # Ctrl-C
     first.wait(timeout=120)
     done_before = [e["epoch"] for e in read_progress(Storage(str(runs / "resume"))) if e["event"] == "end"]
