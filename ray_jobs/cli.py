@@ -174,7 +174,7 @@ def _backfill(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from ray_jobs.demo import run_demo
 
-    return run_demo(args.out, quick=args.quick)
+    return run_demo(args.out, quick=args.quick, keep_serving=args.keep_serving)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole system end to end on embedded defaults")
     p.add_argument("--out", default="demo-out", help="folder for the demo's data, model and results")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (used by the tests)")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="leave the streaming tagger running at the end (HTTP 8000, metrics 9500) until Ctrl-C")
     p.set_defaults(func=_demo)
     return parser
 

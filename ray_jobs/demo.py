@@ -1,7 +1,8 @@
 """``danmul demo`` / ``make demo``: the whole system end to end on one machine, on embedded defaults.
 
 Each step says what it is doing; a failing step is named, with its reason, and the exit is non-zero.
-Steps land with their issues: today the demo generates a synthetic Dan:mul dataset, trains the tiny
+With ``--keep-serving`` the streaming tagger stays up at the end (HTTP API on port 8000, metrics on
+9500, a local redis-server) until Ctrl-C. Steps: the demo generates a synthetic Dan:mul dataset, trains the tiny
 model with Ray Train (2 workers) and the curriculum, evaluates it image-only and with tags, exports a
 calibrated checkpoint, and streams test-split uploads (some broken on purpose) through the streaming
 tagger on a redis-server of its own, and backfills the test split as an archive of image files.
@@ -45,7 +46,7 @@ def _step(n: int, title: str, fn: Callable[[], None]) -> None:
     print(f"-- step {n} done in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
-def run_demo(out: str, quick: bool = False) -> int:
+def run_demo(out: str, quick: bool = False, keep_serving: bool = False) -> int:
     from ingest.stats import format_stats
     from ingest.synth import SynthConfig, synthesize
 
@@ -115,12 +116,36 @@ def run_demo(out: str, quick: bool = False) -> int:
               f"(abstentions counted as wrong); {result.images_per_s:,.0f} images/s including start-up; "
               f"results in {cfg.out}/results/*.parquet")
 
+    def finish(keep: bool) -> None:
+        import ray
+
+        if not keep:
+            ray.shutdown()
+            print("Ray and redis-server stopped; nothing the demo started is left running. The streaming tagger "
+                  "served its metrics on the port printed in step 3 while it ran; `danmul demo --keep-serving` "
+                  f"keeps it up, or run it yourself: danmul serve --checkpoint {model_dir} --redis URL", flush=True)
+            return
+        from ray import serve
+
+        from deploy.settings import ServeSettings
+        from ray_jobs.local_redis import RedisServer
+        from ray_jobs.stream import serve_forever
+
+        serve.shutdown()  # step 3's Serve listened on a free port; this one listens on 8000
+        with RedisServer(os.path.join(out, "redis")) as server:
+            s = ServeSettings(checkpoint=model_dir, redis=server.url, metrics_port=9500, http_port=8000)
+            print(f"redis-server {server.url}: add uploads with\n  danmul enqueue --redis {server.url} "
+                  f"--data {data_uri} --split test --limit 50\nor redis-cli -p {server.port} XADD danmul:uploads '*' "
+                  "post_id 1 image_uri /path/to/img.jpg  (local paths need --local-roots)", flush=True)
+            serve_forever(s, log=lambda line: print(line, flush=True))
+
     try:
         _step(1, "generate a synthetic Dan:mul dataset", synth)
         _step(2, "train the tiny multimodal model with Ray Train and curriculum learning, evaluate, export",
               train)
         _step(3, "stream test-split uploads through the streaming tagger (Redis -> Ray Serve -> Redis)", stream)
         _step(4, "backfill the test split as an archive with Ray Data (results as Parquet)", backfill)
+        _step(5, "keep serving until Ctrl-C" if keep_serving else "shut down", lambda: finish(keep_serving))
     except StepFailed as e:
         print(f"\ndemo failed: {e}", file=sys.stderr)
         return 1

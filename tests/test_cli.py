@@ -84,7 +84,7 @@ def test_demo_quick_runs_end_to_end_and_leaves_no_processes(tmp_path):
     before = _ray_daemons()
     proc = danmul("demo", "--quick", "--out", str(tmp_path / "demo"))
     out = proc.stdout
-    for step in ("== step 1", "== step 2", "== step 3", "== step 4", "demo finished"):
+    for step in ("== step 1", "== step 2", "== step 3", "== step 4", "== step 5: shut down", "demo finished"):
         assert step in out, out[-3000:]
     assert "| image only |" in out and "| image + tags |" in out  # the evaluation table
     # the streaming step: every good upload tagged, each broken one dead-lettered with its reason
