@@ -123,8 +123,8 @@ class Upload:
 
     @property
     def enqueued_at(self) -> float:
-        """Unix seconds at which Redis accepted the entry (the first half of a stream id is ms)."""
-        return int(self.entry_id.split("-", 1)[0]) / 1000.0
+        """Unix seconds at which Redis accepted the entry."""
+        return entry_ms(self.entry_id) / 1000.0
 
     def text(self, name: str) -> str | None:
         value = self.fields.get(name)
@@ -231,6 +231,11 @@ def decode_fields(raw: Mapping) -> dict[str, bytes]:
             str(v).encode()) for k, v in raw.items()}  # fmt: skip
 
 
+def entry_ms(entry_id: bytes | str) -> int:
+    """The Redis clock, in ms, at which a stream entry was added (the first half of its id)."""
+    return int(_id(entry_id).split("-", 1)[0])
+
+
 def _id(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -329,15 +334,6 @@ class AsyncUploadQueue:
                 lag = g.get("lag")
                 return GroupStats(int(g["pending"]), -1 if lag is None else int(lag), int(g["consumers"]))
         return GroupStats(0, -1, 0)
-
-    async def forget_idle_consumers(self, idle_ms: int) -> int:
-        """Remove consumers (names of replicas long gone) that hold nothing and were idle for ``idle_ms``."""
-        removed = 0
-        for c in await self.client.xinfo_consumers(self.keys.uploads, self.group):
-            name = _id(c["name"])
-            if name != self.consumer and int(c["pending"]) == 0 and int(c["idle"]) > idle_ms:
-                removed += await self.client.xgroup_delconsumer(self.keys.uploads, self.group, name) >= 0
-        return removed
 
 
 def result_fields(prediction: Mapping[str, Any], processed_at: float | None = None) -> dict[str, str]:

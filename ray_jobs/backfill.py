@@ -18,6 +18,7 @@ the driver sees one small summary row per block (counts for the progress bar and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import posixpath
@@ -85,13 +86,17 @@ def _post_id_of(rel: str) -> int:
     return int(stem) if stem.isdigit() else -1  # -1: becomes a bad_post_id error row
 
 
+def _file_row(uri: str) -> dict:
+    """An input row for an image file of a prefix: post id from its name, fetched later by URI."""
+    return {"post_id": _post_id_of(uri), "image_uri": uri, "image": None, "tags": None}
+
+
 def _list_dir(row: dict, uri: str, endpoint_url: str | None) -> list[dict]:
     from ingest.storage import Storage
 
     base = Storage(uri, endpoint_url)
     sub = row["dir"]
-    return [{"post_id": _post_id_of(e.path), "image_uri": base.uri_of(posixpath.join(sub, e.path)),
-             "image": None, "tags": None} for e in base.list(sub, suffixes=IMAGE_SUFFIXES)]  # fmt: skip
+    return [_file_row(base.uri_of(posixpath.join(sub, e.path))) for e in base.list(sub, suffixes=IMAGE_SUFFIXES)]
 
 
 def read_input(cfg: BackfillConfig):
@@ -116,9 +121,8 @@ def read_input(cfg: BackfillConfig):
     # each folder in a Ray task, so listing millions of keys runs in parallel.
     top = storage.fs.get_file_info(pafs.FileSelector(storage.path(), recursive=False))
     dirs = [posixpath.basename(i.path) for i in top if i.type == pafs.FileType.Directory]
-    files = [{"post_id": _post_id_of(i.path), "image_uri": storage.uri_of(posixpath.basename(i.path)),
-              "image": None, "tags": None}
-             for i in top if i.type == pafs.FileType.File and i.path.lower().endswith(IMAGE_SUFFIXES)]  # fmt: skip
+    files = [_file_row(storage.uri_of(posixpath.basename(i.path)))
+             for i in top if i.type == pafs.FileType.File and i.path.lower().endswith(IMAGE_SUFFIXES)]
     parts = []
     if dirs:
         parts.append(ray.data.from_items([{"dir": d} for d in dirs], override_num_blocks=min(len(dirs), 64))
@@ -186,16 +190,26 @@ def _missing(value) -> bool:
     return value is None or isinstance(value, float | np.floating)
 
 
-def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str | None) -> dict[str, Any]:
-    """Fetch and preprocess every row; failures become rows with ``reason`` set and no pixels."""
-    from ingest.fetch import FetchRetry, ImageFetcher
-    from ingest.queue import BAD_POST_ID, BadUpload
+@functools.lru_cache(maxsize=4)
+def _decoder(checkpoint: str, endpoint_url: str | None):
+    """The checkpoint's preprocessing and a fetcher, made once per worker process (Ray reuses workers
+    across tasks): reading config.json and opening object-storage clients per batch would repeat I/O."""
+    from ingest.fetch import ImageFetcher
     from ingest.storage import Storage
     from model.checkpoint import read_config
-    from model.preprocess import ImageError, Preprocessor
+    from model.preprocess import Preprocessor
 
     pre = Preprocessor.from_config(read_config(Storage(checkpoint, endpoint_url)))
-    fetcher = ImageFetcher(["/"], endpoint_url=endpoint_url)  # the archive is the operator's own: any path
+    return pre, ImageFetcher(["/"], endpoint_url=endpoint_url)  # the archive is the operator's own: any path
+
+
+def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str | None) -> dict[str, Any]:
+    """Fetch and preprocess every row; failures become rows with ``reason`` set and no pixels."""
+    from ingest.fetch import FetchRetry
+    from ingest.queue import BAD_POST_ID, BadUpload
+    from model.preprocess import ImageError
+
+    pre, fetcher = _decoder(checkpoint, endpoint_url)
     n = len(batch["post_id"])
     pixels = np.zeros((n, 3, pre.image_size, pre.image_size), dtype=np.float32)
     reasons, details = [""] * n, [""] * n

@@ -33,17 +33,13 @@ def bare_model(checkpoint: str, images: list[bytes], tags: list, batch: int, sec
     return done / (time.perf_counter() - t0)
 
 
-def _ms(entry_id: bytes | str) -> int:
-    return int((entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0])
-
-
 def main(uploads: int = 3000, image_size: int = 64, max_batch_size: int = 32, latency_s: float = 20.0,
          consumers: int = 1, replica_cpus: float = 0) -> int:
     import ray
     import redis
 
     from deploy.settings import ServeSettings
-    from ingest.queue import Keys, enqueue
+    from ingest.queue import Keys, enqueue, entry_ms
     from ingest.shards import iter_examples, load_info
     from ingest.storage import Storage
     from ingest.synth import SynthConfig, synthesize
@@ -52,7 +48,7 @@ def main(uploads: int = 3000, image_size: int = 64, max_batch_size: int = 32, la
     from model.network import DanmulNet
     from ray_jobs.local_ray import ensure_ray
     from ray_jobs.local_redis import RedisServer, free_port
-    from ray_jobs.stream import cpus_needed
+    from ray_jobs.stream import cpus_needed, latencies_s
 
     root = tempfile.mkdtemp(prefix="danmul-bench-stream-")
     data = os.path.join(root, "data")
@@ -94,7 +90,7 @@ def main(uploads: int = 3000, image_size: int = 64, max_batch_size: int = 32, la
             deploy(s)
             while c.xlen(keys.results) + c.xlen(keys.dead) < uploads:
                 time.sleep(0.2)
-            stamps = [_ms(eid) for eid, _ in c.xrange(keys.results)]
+            stamps = [entry_ms(eid) for eid, _ in c.xrange(keys.results)]
             # the first results include start-up (the model's first batches); count from the 5th percentile
             start = stamps[len(stamps) // 20]
             piped = (len(stamps) - len(stamps) // 20 - 1) / max(1e-3, (stamps[-1] - start) / 1000)
@@ -112,7 +108,7 @@ def main(uploads: int = 3000, image_size: int = 64, max_batch_size: int = 32, la
                 enqueue(c, keys, 1_000_000 + i, image=images[i % len(images)], tags=tags[i % len(tags)])
             while c.xlen(keys.results) < n:
                 time.sleep(0.2)
-            lat = np.array([_ms(eid) - _ms(e[b"upload_id"]) for eid, e in c.xrange(keys.results)]) / 1000
+            lat = np.array(latencies_s(c.xrange(keys.results)))
         finally:
             undeploy()
             ray.shutdown()

@@ -19,6 +19,13 @@ from deploy.settings import ServeSettings
 from ray_jobs.local_ray import ensure_ray
 
 
+def latencies_s(results: list) -> list[float]:
+    """End-to-end seconds of each ``results`` stream entry: its Redis timestamp minus its upload's."""
+    from ingest.queue import entry_ms
+
+    return [(entry_ms(eid) - entry_ms(fields[b"upload_id"])) / 1000 for eid, fields in results]
+
+
 def cpus_needed(s: ServeSettings) -> float:
     return s.max_replicas * s.replica_cpus + s.consumers * 0.25 + 0.1
 

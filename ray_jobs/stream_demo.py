@@ -11,22 +11,18 @@ from collections import Counter
 import numpy as np
 
 
-def _ms(entry_id: bytes) -> int:
-    return int(entry_id.split(b"-")[0])
-
-
 def run_stream_demo(checkpoint: str, data_uri: str, redis_url: str, uploads: int = 300,
                     timeout_s: float = 600) -> dict:
     import redis
 
     from deploy.app import deploy, undeploy
     from deploy.settings import ServeSettings
-    from ingest.queue import Keys, enqueue
+    from ingest.queue import Keys, enqueue, entry_ms
     from ingest.shards import iter_examples
     from ingest.storage import Storage
     from ray_jobs.local_ray import ensure_ray
     from ray_jobs.local_redis import free_port
-    from ray_jobs.stream import cpus_needed
+    from ray_jobs.stream import cpus_needed, latencies_s
 
     rows = [r for _, r in zip(range(uploads), iter_examples(Storage(data_uri), "test"), strict=False)]
     s = ServeSettings(checkpoint=checkpoint, redis=redis_url, http_port=free_port(), metrics_port=free_port())
@@ -76,8 +72,8 @@ def run_stream_demo(checkpoint: str, data_uri: str, redis_url: str, uploads: int
         correct[group, "n"] += 1
         correct[group, "ok"] += e[b"character"].decode() == truth.get(post)
         correct[group, "abstained"] += e.get(b"abstained") == b"1"
-    stamps = [_ms(eid) for eid, _ in results]
-    latency = np.array([_ms(eid) - _ms(e[b"upload_id"]) for eid, e in results]) / 1000
+    stamps = [entry_ms(eid) for eid, _ in results]
+    latency = np.array(latencies_s(results))
     rate = (len(stamps) - 1) / max(1e-3, (stamps[-1] - stamps[0]) / 1000)
     print(f"\ntagged {len(results)} of {len(rows)} good uploads; {len(dead)} dead letters of {len(broken)} broken")
     for group in ("image only", "with tags"):
