@@ -1,17 +1,17 @@
 """The streaming tagger as one Ray Serve application: queue consumers, batched model replicas, HTTP API.
 
-    Redis uploads ──XREADGROUP──> UploadConsumer (N, one per node is typical)
-                                    │ fetch (object storage / allowed local root / inline bytes)
+    Redis uploads ──read script──> UploadConsumer (deploy.consumer; N, one per node is typical)
+                                    │ fetch (allowed buckets / allowed local root / inline bytes)
                                     ▼
                                   TaggerModel (autoscaled; a GPU each when the cluster has GPUs)
-                                    │ decode + preprocess per request, @serve.batch inference
+                                    │ decode + preprocess per image (bounded threads), @serve.batch inference
                                     ▼
-                                  UploadConsumer ──Lua: XACK + HSET result + XADD results──> Redis
-    HTTP  POST /evaluate, POST /v1/tag, GET /health ──> TaggerAPI ──> TaggerModel
+                                  UploadConsumer ──Lua: check pending, HSET result + XADD results, XACK──> Redis
+    HTTP  POST /evaluate, POST /v1/tag, GET /health ──> TaggerAPI (deploy.http) ──> TaggerModel
 
-The consumer is where the exactly-once rule lives (see ``ingest.queue``): a result or dead letter is
-written only together with the acknowledgement, and anything that fails for a reason that may pass
-(storage trouble, a model replica dying, Redis restarting) is left pending for another delivery.
+The consumer is where the exactly-once rule lives (see ``ingest.queue`` and ``deploy.consumer``). The model
+replica's rule is isolation: whatever one image or one request does (an undecodable file, a bad parameter,
+an exception in the model) becomes that item's ``{"error": reason}``, never its batch's failure.
 Thresholds, batch size and batch wait are ``user_config`` of the model deployment, applied in
 ``reconfigure`` (with a ``serve deploy`` config file Serve does that on running replicas).
 """
@@ -19,40 +19,25 @@ Thresholds, batch size and batch wait are ``user_config`` of the model deploymen
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
 import logging
+import math
 import os
-import socket
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deploy.consumer import UploadConsumer
+from deploy.runtime import replica_env, start_metrics
 from deploy.settings import ServeSettings, metrics_dir
 
 log = logging.getLogger("danmul.serve")
 
 APP_NAME = "danmul"
-RETRYABLE_MODEL_ATTEMPTS = 3  # a model call that fails (replica died) is retried this often before leaving
-REDIS_WRITE_PATIENCE_S = 30.0  # how long a finished upload waits for Redis to come back before it is left
-
-
-def _env(s: ServeSettings) -> dict[str, str]:
-    env = {"PROMETHEUS_MULTIPROC_DIR": metrics_dir(s.metrics_port), "DANMUL_METRICS_PORT": str(s.metrics_port)}
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
-        if os.environ.get(name):
-            env[name] = os.environ[name]
-    return env
-
-
-def start_metrics() -> Any:
-    from deploy import metrics
-
-    metrics.serve_node_metrics(int(os.environ.get("DANMUL_METRICS_PORT", "0")))
-    return metrics
+MAX_TOP_K = 1000  # characters one answer may list at most (the API's own bound is tighter)
 
 
 # -- model replicas --------------------------------------------------------------------------------------
@@ -68,10 +53,26 @@ async def _done(value):
     return value
 
 
+def check_request(threshold: Any, top_k: Any) -> str | None:
+    """What is wrong with a call's parameters, or None. Checked before anything joins a batch, so one
+    caller's bad value fails only its own items (the HTTP API validates first; this is the last line)."""
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
+                                  or not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0):
+        return f"threshold must be a number in [0, 1], not {str(threshold)[:40]!r}"
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K):
+        return f"top_k must be an integer in [1, {MAX_TOP_K}], not {str(top_k)[:40]!r}"
+    return None
+
+
+def _tags_ok(tags: Any) -> bool:
+    return tags is None or (isinstance(tags, list | tuple) and all(isinstance(t, str) for t in tags))
+
+
 @serve.deployment
 class TaggerModel:
-    """``Tagger`` behind dynamic batching. ``tag(image_bytes, tags)`` decodes in a thread (the event loop
-    keeps collecting requests) and joins a batch; a bad image comes back as ``{"error": reason}``."""
+    """``Tagger`` behind dynamic batching. ``tag_many(images, tags)`` decodes in a bounded pool of threads
+    (the event loop keeps collecting requests) and each image joins a batch; a bad image or bad parameters
+    come back as that item's ``{"error": reason, "detail": ...}``."""
 
     def __init__(self, checkpoint: str, endpoint_url: str | None = None, device: str | None = None,
                  threads: int = 0):
@@ -85,6 +86,9 @@ class TaggerModel:
             torch.set_num_threads(threads)
         self.tagger = Tagger.from_checkpoint(Storage(checkpoint, endpoint_url), device=device)
         self.top_k = 5
+        # Decoding threads are bounded: each holds at most one decoded image (the pixel budget of
+        # model.preprocess), so the replica's decoding memory is bounded too.
+        self.decoders = concurrent.futures.ThreadPoolExecutor(max(2, threads + 1), thread_name_prefix="decode")
         self.m.MODEL_INFO.labels(self.tagger.version, self.tagger.config.image_model).set(1)
         self.m.MODEL_REPLICAS.labels(self.tagger.version).set(1)
         log.info("model %s loaded on %s", self.tagger.version, self.tagger.device)
@@ -114,301 +118,80 @@ class TaggerModel:
                        top_k: int | None = None) -> list[dict]:
         """Several images in one call (a consumer's group of uploads: one Ray call, not one per upload).
         Each image still joins the replica's dynamic batches on its own."""
-        decoded = await asyncio.to_thread(self._decode_all, images)
+        if len(tags) != len(images):
+            tags = [*tags, *[None] * len(images)][: len(images)]
+        problem = check_request(threshold, top_k)
+        if problem:
+            return [{"error": "bad_request", "detail": problem} for _ in images]
+        loop = asyncio.get_running_loop()
+        decoded = await asyncio.gather(*[loop.run_in_executor(self.decoders, self._decode, im) for im in images])
         k = top_k or self.top_k
         return list(await asyncio.gather(*[
-            _done(d) if isinstance(d, dict) else self._infer(_Item(d, t, k, threshold))
+            _done(d) if isinstance(d, dict) else
+            _done({"error": "bad_tags", "detail": "tags must be a list of strings"}) if not _tags_ok(t) else
+            self._infer(_Item(d, list(t) if t else None, k, threshold))
             for d, t in zip(decoded, tags, strict=True)
         ]))  # fmt: skip
 
-    def _decode_all(self, images: list[bytes]) -> list:
-        """Tensors, or ``{"error": reason}`` for what cannot be decoded (in a worker thread)."""
+    def _decode(self, image: bytes) -> Any:
+        """A tensor, or ``{"error": reason}`` for anything that cannot become one (in a decode thread).
+        Whatever the bytes make PIL do, the answer is this image's error, never the replica's."""
         from model.preprocess import ImageError
 
-        out = []
-        for image in images:
-            t0 = time.perf_counter()
-            try:
-                out.append(self.tagger.preprocess(image))
-            except ImageError as e:
-                out.append({"error": e.reason, "detail": str(e)})
-                continue
-            self.m.STAGE_SECONDS.labels("decode").observe(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        try:
+            if not isinstance(image, bytes | bytearray | memoryview):
+                raise ImageError("not_an_image", f"{type(image).__name__}, not bytes")
+            out = self.tagger.preprocess(bytes(image))
+        except ImageError as e:
+            return {"error": e.reason, "detail": str(e)[:300]}
+        except Exception as e:  # MemoryError included: one image's problem
+            return {"error": "undecodable", "detail": f"{type(e).__name__}: {str(e)[:200]}"}
+        self.m.STAGE_SECONDS.labels("decode").observe(time.perf_counter() - t0)
         return out
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _infer(self, items: list[_Item]) -> list[dict]:
-        import torch
-
         t0 = time.perf_counter()
-        pixels = torch.stack([i.pixels for i in items])  # (B, 3, S, S)
-        # on the event loop itself: a worker thread here only added GIL hand-offs (measured no faster);
-        # decoding still runs in threads, and the next batch forms when this one returns
-        chars, tag_probs = self.tagger.scores(pixels, [i.tags for i in items])
-        out = []
-        for item, c, t in zip(items, chars, tag_probs, strict=True):
-            out.append({**self.tagger.decode(c, t, item.top_k, item.threshold).to_dict(), "batch_size": len(items)})
+        try:
+            out = self._score(items)
+        except Exception as e:  # the batch failed as a whole: find the item(s) at fault, one by one
+            log.warning("batch of %d failed (%s: %s); scoring its images one by one", len(items), type(e).__name__,
+                        str(e)[:200])
+            out = []
+            for item in items:
+                try:
+                    out += self._score([item])
+                except Exception as e1:
+                    out.append({"error": "model_error", "detail": f"{type(e1).__name__}: {str(e1)[:200]}"})
         elapsed = time.perf_counter() - t0
         self.m.BATCH_SIZE.observe(len(items))
         for _ in items:
             self.m.STAGE_SECONDS.labels("inference").observe(elapsed)
         return out
 
+    def _score(self, items: list[_Item]) -> list[dict]:
+        import torch
+
+        pixels = torch.stack([i.pixels for i in items])  # (B, 3, S, S)
+        # on the event loop itself: a worker thread here only added GIL hand-offs (measured no faster);
+        # decoding still runs in threads, and the next batch forms when this one returns
+        chars, tag_probs = self.tagger.scores(pixels, [i.tags for i in items])
+        return [{**self.tagger.decode(c, t, item.top_k, item.threshold).to_dict(), "batch_size": len(items)}
+                for item, c, t in zip(items, chars, tag_probs, strict=True)]
+
     def __del__(self) -> None:
+        if hasattr(self, "decoders"):
+            self.decoders.shutdown(wait=False, cancel_futures=True)
         if hasattr(self, "m"):
             self.m.process_exiting()
-
-
-# -- queue consumers -------------------------------------------------------------------------------------
-class CallBatcher:
-    """Groups a consumer's model requests: up to ``size`` uploads (or what arrives within ``wait_s``) go
-    to the model in one ``tag_many`` call. A Serve call costs the caller about a millisecond of CPU, as
-    much as a tiny model's inference per image; one call per group keeps the consumer off the critical
-    path. Several groups are in flight at once; the replica batches images across them."""
-
-    def __init__(self, model: DeploymentHandle, size: int, wait_s: float = 0.005):
-        self.model, self.size, self.wait_s = model, size, wait_s
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.calls: set[asyncio.Task] = set()
-
-    async def submit(self, image: bytes, tags: list[str] | None) -> dict:
-        fut = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((image, tags, fut))
-        return await fut
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            group = [await self.queue.get()]
-            deadline = loop.time() + self.wait_s
-            while len(group) < self.size:
-                try:
-                    group.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
-                except TimeoutError:
-                    break
-            call = loop.create_task(self._call(group))
-            self.calls.add(call)
-            call.add_done_callback(self.calls.discard)
-
-    async def _call(self, group: list) -> None:
-        try:
-            results = await self.model.tag_many.remote([g[0] for g in group], [g[1] for g in group])
-        except Exception as e:  # the replica died, or none is ready: each upload decides what to do
-            for _, _, fut in group:
-                if not fut.done():
-                    fut.set_exception(e)
-            return
-        for (_, _, fut), result in zip(group, results, strict=True):
-            if not fut.done():
-                fut.set_result(result)
-
-
-@serve.deployment
-class UploadConsumer:
-    """Reads uploads through the consumer group and sees each one to a result or a dead letter.
-
-    At most ``max_in_flight`` uploads are held at once: the next ``XREADGROUP`` asks only for free slots,
-    so a backlog of millions waits in Redis, not here. Every ``claim_idle_s / 2`` the consumer also
-    reclaims uploads left pending by consumers that died (``XAUTOCLAIM``)."""
-
-    def __init__(self, model: DeploymentHandle, settings: dict):
-        from ingest.fetch import ImageFetcher
-        from ingest.queue import AsyncUploadQueue, Keys, connect
-
-        self.s = ServeSettings(**settings)
-        self.m = start_metrics()
-        self.model = model
-        self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.client = connect(self.s.redis, asyncio=True, socket_timeout=30.0)
-        self.queue = AsyncUploadQueue(self.client, Keys(self.s.prefix), self.s.group, self.name,
-                                      result_ttl_s=self.s.result_ttl_s)
-        roots = [r for r in self.s.local_roots.split(",") if r.strip()]
-        self.fetcher = ImageFetcher(roots, self.s.allow_http, self.s.endpoint_url)
-        self.tasks: set[asyncio.Task] = set()
-        self.stopping = asyncio.Event()
-        self.counts: dict[str, int] = {}
-        self.batcher = CallBatcher(model, size=max(1, min(self.s.max_batch_size, self.s.max_in_flight)))
-        self.batcher_task = asyncio.get_running_loop().create_task(self.batcher.run())
-        self.loop_task = asyncio.get_running_loop().create_task(self._run())
-        self.m.CONSUMERS.set(1)
-        log.info("consumer %s reading %s as group %s", self.name, self.queue.keys.uploads, self.s.group)
-
-    # -- the loop ---------------------------------------------------------------------------------------
-    async def _run(self) -> None:
-        from redis.exceptions import ConnectionError, TimeoutError
-
-        backoff = 0.1
-        next_claim = next_stats = 0.0
-        group_ready = False
-        while not self.stopping.is_set():
-            try:
-                if not group_ready:
-                    await self.queue.ensure_group()
-                    group_ready = True
-                now = time.monotonic()
-                if now >= next_stats:
-                    await self._update_stats()
-                    next_stats = now + 2.0
-                free = self.s.max_in_flight - len(self.tasks)
-                if now >= next_claim and free > 0:
-                    for upload in await self.queue.reclaim(int(self.s.claim_idle_s * 1000), free):
-                        self._start(upload)
-                    next_claim = now + max(1.0, self.s.claim_idle_s / 2)
-                    free = self.s.max_in_flight - len(self.tasks)
-                if free <= 0:
-                    await asyncio.wait(self.tasks, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                for upload in await self.queue.read(count=min(free, 64), block_ms=1000 if not self.tasks else 20):
-                    self._start(upload)
-                backoff = 0.1
-            except (ConnectionError, TimeoutError, OSError) as e:
-                log.warning("redis unavailable (%s); retrying in %.1f s", type(e).__name__, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-        await self._drain()
-
-    def _start(self, upload) -> None:
-        task = asyncio.get_running_loop().create_task(self._handle(upload))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _drain(self, timeout_s: float = 20.0) -> None:
-        """On stop: let in-flight uploads finish; whatever does not stays pending for another consumer."""
-        if self.tasks:
-            done, left = await asyncio.wait(set(self.tasks), timeout=timeout_s)
-            for t in left:
-                t.cancel()
-            log.info("consumer %s stopped: %d finished in the drain, %d left pending", self.name, len(done),
-                     len(left))
-
-    async def _update_stats(self) -> None:
-        stats = await self.queue.stats()
-        if stats.lag >= 0:
-            self.m.QUEUE_LAG.labels(self.s.group).set(stats.lag)
-        self.m.QUEUE_PENDING.labels(self.s.group).set(stats.pending)
-
-    # -- one upload -------------------------------------------------------------------------------------
-    async def _handle(self, upload) -> None:
-        from ingest.fetch import FetchRetry
-        from ingest.queue import MAX_DELIVERIES, BadUpload, parse_upload
-        from model.preprocess import MAX_IMAGE_BYTES
-
-        self.m.IN_FLIGHT.inc()
-        try:
-            if upload.deliveries > self.s.max_deliveries:
-                await self._dead(upload, MAX_DELIVERIES, f"delivered {upload.deliveries} times without a result")
-                return
-            try:
-                req = parse_upload(upload, MAX_IMAGE_BYTES)
-                image = req.image
-                if image is None:
-                    t0 = time.perf_counter()
-                    image = await asyncio.to_thread(self.fetcher.fetch, req.image_uri)
-                    self.m.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - t0)
-            except BadUpload as e:
-                await self._dead(upload, e.reason, e.detail)
-                return
-            except FetchRetry as e:
-                self._retry("fetch_error", upload, str(e))
-                return
-            out = await self._predict(image, req.tags)
-            if out is None:
-                self._retry("model_unavailable", upload, "no model replica answered")
-            elif "error" in out:
-                await self._dead(upload, out["error"], out.get("detail", ""))
-            else:
-                await self._write(upload, req.post_id, out)
-        finally:
-            self.m.IN_FLIGHT.dec()
-
-    async def _predict(self, image: bytes, tags: list[str] | None) -> dict | None:
-        for attempt in range(RETRYABLE_MODEL_ATTEMPTS):
-            try:
-                return await self.batcher.submit(image, tags)
-            except Exception as e:  # a replica that died mid-call, or none ready yet
-                if self.stopping.is_set():
-                    return None
-                log.warning("model call failed (%s: %s), attempt %d", type(e).__name__, str(e)[:200], attempt + 1)
-                await asyncio.sleep(0.5 * (attempt + 1))
-        return None
-
-    async def _write(self, upload, post_id: int, out: dict) -> None:
-        from ingest.queue import result_fields
-
-        t0 = time.perf_counter()
-        summary = {"character": out["characters"][0][0] if out["characters"] else "",
-                   "score": f"{out['best_character'][1]:.6f}", "model": out["model"],
-                   "abstained": "1" if out["abstained"] else "0"}
-        done = await self._redis(self.queue.complete, upload, post_id, result_fields(out), summary)
-        if done is None:
-            self._retry("redis_error", upload, "result not written")
-            return
-        self.m.STAGE_SECONDS.labels("write_back").observe(time.perf_counter() - t0)
-        self._finished(upload, "tagged" if done else "duplicate")
-        if done:
-            self.m.CHARACTER_CONFIDENCE.observe(out["best_character"][1])
-            if out["abstained"]:
-                self.m.ABSTAINED.inc()
-
-    async def _dead(self, upload, reason: str, detail: str) -> None:
-        done = await self._redis(self.queue.dead_letter, upload, reason, detail)
-        if done is None:
-            self._retry("redis_error", upload, "dead letter not written")
-            return
-        if done:
-            self.m.DEAD_LETTERS.labels(reason).inc()
-            log.info("upload %s dead-lettered: %s %s", upload.entry_id, reason, detail[:200])
-        self._finished(upload, "dead_letter" if done else "duplicate")
-
-    async def _redis(self, fn, *args):
-        """A final write, retried while Redis is away (restarting) for up to REDIS_WRITE_PATIENCE_S. The
-        scripts are idempotent, so a retry after a lost reply cannot write twice. None: gave up."""
-        from redis.exceptions import ConnectionError, TimeoutError
-
-        deadline = time.monotonic() + REDIS_WRITE_PATIENCE_S
-        delay = 0.1
-        while True:
-            try:
-                return await fn(*args)
-            except (ConnectionError, TimeoutError, OSError):
-                if time.monotonic() > deadline:
-                    return None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    def _finished(self, upload, outcome: str) -> None:
-        self.m.UPLOADS.labels(outcome).inc()
-        self.m.END_TO_END_SECONDS.observe(max(0.0, time.time() - upload.enqueued_at))
-        self.counts[outcome] = self.counts.get(outcome, 0) + 1
-
-    def _retry(self, reason: str, upload, detail: str) -> None:
-        self.m.RETRIES.labels(reason).inc()
-        self.counts["retry"] = self.counts.get("retry", 0) + 1
-        log.warning("upload %s left pending for another delivery: %s", upload.entry_id, detail[:300])
-
-    # -- Serve hooks ------------------------------------------------------------------------------------
-    def status(self) -> dict:
-        return {"consumer": self.name, "in_flight": len(self.tasks), "counts": dict(self.counts),
-                "running": not self.loop_task.done()}
-
-    def check_health(self) -> None:
-        if self.loop_task.done() and not self.stopping.is_set():
-            exc = self.loop_task.exception()
-            raise RuntimeError(f"consumer loop stopped: {exc!r}")
-
-    async def __del__(self) -> None:
-        self.stopping.set()
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self.loop_task), timeout=25.0)
-        await self.client.aclose()
-        self.m.process_exiting()
 
 
 # -- assembling the application ----------------------------------------------------------------------------
 def build_app(s: ServeSettings, gpus_available: bool = False):
     from deploy.http import TaggerAPI
 
-    env = {"env_vars": _env(s)}
+    env = {"env_vars": replica_env(s)}
     quiet = {"logging_config": {"enable_access_log": False}}  # no line per call: metrics count them
     gpus = s.replica_gpus if s.replica_gpus is not None else (1.0 if gpus_available else 0.0)
     user_config = {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s,
@@ -426,8 +209,11 @@ def build_app(s: ServeSettings, gpus_available: bool = False):
         num_replicas=s.consumers, **quiet, graceful_shutdown_timeout_s=30, health_check_period_s=5,
         ray_actor_options={"num_cpus": 0.25, "runtime_env": env},
     ).bind(model, consumer_settings)  # fmt: skip
-    return TaggerAPI.options(**quiet, ray_actor_options={"num_cpus": 0.1, "runtime_env": env}).bind(
-        model, consumer, s.max_request_bytes)
+    # /health must answer while slow or busy clients hold their requests: the replica admits more requests
+    # than it works on at once (the rest wait in the API's own limiter, which /health bypasses)
+    api_ongoing = s.http_max_concurrency + 16
+    return TaggerAPI.options(**quiet, max_ongoing_requests=api_ongoing,
+                             ray_actor_options={"num_cpus": 0.1, "runtime_env": env}).bind(model, consumer, asdict(s))
 
 
 # settings only the model replicas use: the consumers get their defaults, so they stay the same
@@ -453,12 +239,16 @@ def app_builder(args: dict):
 
 def serve_config(s: ServeSettings) -> dict:
     """A Serve config file (``serve deploy`` / ``serve run`` / a RayService's ``serveConfigV2``) for these
-    settings."""
+    settings. Secrets are never written: a password in the Redis URL is dropped, and the tagger reads it
+    from ``REDIS_PASSWORD`` (or the whole URL from ``DANMUL_REDIS_URL``) where it runs."""
+    from ingest.queue import without_password
+
+    args = {**asdict(s), "redis": without_password(s.redis)}
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": s.http_host, "port": s.http_port},
         "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "deploy.app:app_builder",
-                          "args": asdict(s)}],
+                          "args": args}],
     }  # fmt: skip
 
 

@@ -59,6 +59,13 @@ MODEL_REPLICAS = Gauge("danmul_model_replicas", "Model replicas running, by mode
                        multiprocess_mode="livesum")
 MODEL_INFO = Gauge("danmul_model_info", "The model a replica serves: 1 per version", ["model", "image_model"],
                    multiprocess_mode="livemax")
+REDIS_ERRORS = Counter("danmul_redis_errors_total", "Redis commands or scripts that failed with an error Redis "
+                       "answered (not an outage), by operation: read, claim, complete, dead_letter, trim, stats; "
+                       "the upload concerned stays pending", ["op"])
+STREAM_TRIMMED = Counter("danmul_stream_trimmed_total", "Acknowledged upload entries trimmed from the uploads "
+                         "stream by the tagger (retention)")
+REDIS_UP = Gauge("danmul_redis_up", "1 while the consumer can read and write Redis with its credentials, 0 while "
+                 "Redis is unreachable or refuses them", multiprocess_mode="livemin")
 HTTP_REQUESTS = Counter("danmul_http_requests_total", "HTTP API requests by endpoint and status code",
                         ["endpoint", "code"])
 HTTP_SECONDS = Histogram("danmul_http_request_seconds", "HTTP API request time by endpoint", ["endpoint"],

@@ -11,13 +11,25 @@ from dataclasses import dataclass, field
 class ServeSettings:
     checkpoint: str = field(metadata={"help": "model checkpoint folder or s3:// URI (an exported OUT/NAME/model)"})
     redis: str = field(default="redis://127.0.0.1:6379/0", metadata={
-        "help": "Redis URL (redis:// or rediss:// for TLS); the password may come from REDIS_PASSWORD instead"})
+        "help": "Redis URL (redis:// or rediss:// for TLS); user and password may come from REDIS_USERNAME and "
+                "REDIS_PASSWORD instead (kept off command lines and config files)"})
+    redis_ca_file: str | None = field(default=None, metadata={
+        "help": "CA bundle that signs the Redis server's TLS certificate (rediss://; default: REDIS_CA_FILE, else "
+                "the system's)"})
+    redis_cluster: bool = field(default=False, metadata={
+        "help": "Redis is a Redis Cluster (the prefix must then carry a hash tag, e.g. {danmul}:)"})
+    allow_eviction: bool = field(default=False, metadata={
+        "help": "run even when Redis may evict keys (maxmemory-policy allkeys-*): uploads could vanish"})
     prefix: str = field(default="danmul:", metadata={"help": "key prefix of the streams and result hashes"})
     group: str = field(default="danmul-taggers", metadata={"help": "consumer group on the uploads stream"})
     endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (default: AWS_ENDPOINT_URL)"})
     local_roots: str = field(default="", metadata={
         "help": "comma-separated folders uploads may name as image_uri (default: no local paths)"})
-    allow_http: bool = field(default=False, metadata={"help": "fetch http(s):// image URIs (off: SSRF risk)"})
+    allowed_buckets: str = field(default="", metadata={
+        "help": "comma-separated S3 buckets uploads may name as image_uri (default: the checkpoint's bucket, if "
+                "the checkpoint is on S3; * for any bucket the credentials reach)"})
+    allow_http: bool = field(default=False, metadata={
+        "help": "fetch http(s):// image URIs (public addresses only, no redirects to private ones)"})
     address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: start a local one)"})
     consumers: int = field(default=1, metadata={"help": "queue consumer replicas"})
     min_replicas: int = field(default=1, metadata={"help": "model replicas at least"})
@@ -36,11 +48,29 @@ class ServeSettings:
         "help": "uploads one consumer works on at once (backpressure: nothing more is read)"})
     claim_idle_s: float = field(default=60.0, metadata={
         "help": "an upload pending this long (its consumer died) is reclaimed by another"})
+    max_in_flight_bytes: int = field(default=256 << 20, metadata={
+        "help": "bytes of upload entries one consumer holds at once (an entry over max_entry_bytes counts as 0: "
+                "it is dead-lettered unread)"})
+    max_entry_bytes: int = field(default=(32 << 20) + (64 << 10), metadata={
+        "help": "largest upload entry read (all fields); a larger one is dead-lettered as too_large"})
     max_deliveries: int = field(default=5, metadata={"help": "deliveries before an upload is dead-lettered"})
+    model_timeout_s: float = field(default=30.0, metadata={
+        "help": "a model call that takes longer is abandoned and the upload left for another delivery"})
     result_ttl_s: int = field(default=0, metadata={"help": "expire result hashes after this many s (0: never)"})
+    stream_retention_s: float = field(default=300.0, metadata={
+        "help": "acknowledged uploads kept in the uploads stream this long before the tagger trims them "
+                "(never an undelivered or pending one)"})
+    trim_interval_s: float = field(default=10.0, metadata={"help": "how often the uploads stream is trimmed"})
     http_host: str = field(default="127.0.0.1", metadata={"help": "HTTP API address (0.0.0.0 for all)"})
     http_port: int = field(default=8000, metadata={"help": "HTTP API port"})
     max_request_bytes: int = field(default=64 << 20, metadata={"help": "largest HTTP request body accepted"})
+    api_keys_file: str | None = field(default=None, metadata={
+        "help": "file of API keys, one per line: every endpoint but GET /health then needs one (Authorization: "
+                "Bearer KEY, or Danbooru's HTTP basic auth with the key as password)"})
+    http_read_timeout_s: float = field(default=10.0, metadata={
+        "help": "a request whose body takes longer to arrive is answered 408"})
+    http_max_concurrency: int = field(default=32, metadata={
+        "help": "requests one API replica works on at once; more wait, then get 503 (GET /health always answers)"})
     metrics_port: int = field(default=9500, metadata={"help": "per-node Prometheus endpoint (0: off)"})
     device: str | None = field(default=None, metadata={"help": "model device (default: cuda when available)"})
 

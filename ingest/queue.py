@@ -11,16 +11,20 @@ Consumers read it through one consumer group; each upload ends in exactly one of
 - a dead letter: one ``{prefix}dead`` entry with ``reason``, ``detail``, ``attempts`` and the original
   fields.
 
-Either outcome is written by a Lua script that first ``XACK``s the upload and writes only when that
-acknowledgement took the entry out of the pending list. A script runs atomically, so the result and
-the acknowledgement land together, and an upload delivered twice (a slow consumer whose entry was
-reclaimed, a retry after a lost reply) still produces one result. An upload is never acknowledged
-without its result or dead letter: a consumer that dies leaves it pending, and another consumer
-reclaims it after ``min_idle_ms`` (``XAUTOCLAIM``); past ``max_deliveries`` it is dead-lettered.
+Either outcome is written by a Lua script that first checks, read-only, that the entry is still pending
+to the group, then writes, and acknowledges last (see ``_LUA_COMMON``). A script runs atomically, so the
+result and the acknowledgement land together, and an upload delivered twice (a slow consumer whose entry
+was reclaimed, a retry after a lost reply) still produces one result. An upload is never acknowledged
+without its result or dead letter: a consumer that dies leaves it pending, and another consumer reclaims it
+after ``min_idle_ms``; one delivered ``max_deliveries`` times is dead-lettered by id, unread (``poison``
+when nothing recorded why its deliveries failed: its consumer or model replica died each time).
 
-The commands here work with ``redis.Redis`` and ``redis.asyncio.Redis`` alike where they are one
-round trip (they return the client's value or awaitable); :class:`AsyncUploadQueue` holds the
-multi-step ones the consumer needs. No Ray here.
+Memory is bounded by bytes, not entry counts: reads and reclaims stop at a byte budget, and an entry over
+``max_entry_bytes`` is dead-lettered (``too_large``) inside Redis without being sent to the consumer.
+
+The tagger trims the uploads stream itself (:meth:`AsyncUploadQueue.trim`), only below what every group
+still needs. Redis 7.0 or newer.
+
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -44,6 +49,11 @@ DEFAULT_GROUP = "danmul-taggers"
 RESULTS_MAXLEN = 1_000_000
 DEAD_MAXLEN = 100_000
 DEAD_INLINE_IMAGE_MAX = 1 << 20  # an inline image larger than this is not copied into the dead letter
+DEAD_MAX_FIELDS = 32  # an upload's own fields copied into its dead letter at most (the rest are counted)
+DEAD_MAX_VALUE = 4096  # bytes of any other copied field value; a larger one is replaced by its size
+DEAD_MAX_DETAIL = 500
+INLINE_IMAGE_MAX = 32 << 20  # the largest inline image an upload may carry (the tagger's decode limit)
+MAX_ENTRY_BYTES = INLINE_IMAGE_MAX + (64 << 10)  # a whole entry (every field); larger ones are dead-lettered
 
 # Reason codes of dead letters, beside model.preprocess.ImageError's (empty, too_large, not_an_image,
 # decompression_bomb, truncated).
@@ -54,38 +64,276 @@ BAD_TAGS = "bad_tags"
 NOT_FOUND = "not_found"
 FORBIDDEN_PATH = "forbidden_path"
 UNSUPPORTED_URI = "unsupported_uri"
-MAX_DELIVERIES = "max_deliveries"
+MAX_DELIVERIES = "max_deliveries"  # delivered too often, each time failing for a reason that may pass
+POISON = "poison"  # delivered too often, each time taking its consumer or model replica down
+INTERNAL_ERROR = "internal_error"  # delivered too often, each time failing inside danmul (a script error)
+DELETED = "deleted"  # deleted from the uploads stream while pending (XDEL/XTRIM by hand)
+TOO_LARGE = "too_large"
 
-# KEYS: uploads stream, then the output key(s). ARGV: group, entry id, then the output's fields.
-# XACK returns 1 only for the call that takes the entry out of the pending list: exactly one writer.
-_COMPLETE_LUA = """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-local n = tonumber(ARGV[3])
-local hash = {}
-for i = 1, n do hash[#hash + 1] = ARGV[3 + i] end
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], unpack(hash))
-local ttl = tonumber(ARGV[4 + n])
-if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
-local m = tonumber(ARGV[5 + n])
-local entry = {}
-for i = 1, m do entry[#entry + 1] = ARGV[5 + n + i] end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6 + n + m], '*', unpack(entry))
+# -- the Lua scripts ----------------------------------------------------------------------------------------
+# Every script that ends an upload follows one order: read-only checks first (is the entry still pending to
+# the group? do the output keys hold the right types?), then the writes, and the acknowledgement last. Redis
+# runs a script atomically, so no second writer slips in between; and since nothing after the first write
+# can fail (types were checked, argument lists are bounded), an upload is never acknowledged without its
+# result or dead letter, nor left half-written. A script that fails before its first write (a wrong type, a
+# read-only replica, out of memory) writes nothing: the upload stays pending and is tried again.
+_LUA_COMMON = """
+local function parse_id(id)
+  local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
+  return ms, seq
+end
+-- stream id a < b (ids are decimal without leading zeros: compare lengths, then strings)
+local function id_lt(a, b)
+  local am, as = parse_id(a)
+  local bm, bs = parse_id(b)
+  if not am then return true end
+  if not bm then return false end
+  if #am ~= #bm then return #am < #bm end
+  if am ~= bm then return am < bm end
+  if #as ~= #bs then return #as < #bs end
+  return as < bs
+end
+local function times_delivered(key, group, id)
+  local p = redis.call('XPENDING', key, group, id, id, 1)
+  if #p == 0 then return nil end
+  return p[1][4]
+end
+local function holds(key, kind)
+  local t = redis.call('TYPE', key)['ok']
+  return t == 'none' or t == kind
+end
+local function entry_size(fields)
+  local n = 0
+  for i = 1, #fields do n = n + #fields[i] end
+  return n
+end
+local RESERVED = {post_id = true, upload_id = true, reason = true, detail = true, attempts = true}
+-- a dead letter's fields: ours first, then the upload's own, capped in number and size (an inline image up
+-- to max_image bytes is kept so it can be re-enqueued; any larger value is replaced by its size)
+local function dead_fields(id, fields, reason, detail, attempts, max_fields, max_value, max_image)
+  local e = {'post_id', '', 'upload_id', id, 'reason', reason, 'detail', detail, 'attempts', tostring(attempts)}
+  local copied, omitted = 0, 0
+  for i = 1, #fields - 1, 2 do
+    local name, value = fields[i], fields[i + 1]
+    if name == 'post_id' then
+      e[2] = string.sub(value, 1, 64)
+    elseif RESERVED[name] or #name > 64 or copied >= max_fields then
+      omitted = omitted + 1
+    else
+      local limit = max_value
+      if name == 'image' then limit = max_image end
+      if #value <= limit then
+        e[#e + 1] = name
+        e[#e + 1] = value
+      else
+        e[#e + 1] = name .. '_bytes'
+        e[#e + 1] = tostring(#value)
+      end
+      copied = copied + 1
+    end
+  end
+  if omitted > 0 then
+    e[#e + 1] = 'omitted_fields'
+    e[#e + 1] = tostring(omitted)
+  end
+  return e
+end
+local function stored_fields(key, id)
+  local r = redis.call('XRANGE', key, id, id)
+  if #r == 0 then return {} end
+  return r[1][2]
+end
+"""
+
+# KEYS: uploads, dead, attempts. ARGV: group, entry id, dead maxlen, reason, detail, max_fields, max_value,
+# max_image. Returns 1 when written, 0 when the entry was no longer pending (another delivery ended it).
+_DEAD_LUA = _LUA_COMMON + """
+local attempts = times_delivered(KEYS[1], ARGV[1], ARGV[2])
+if not attempts then return 0 end
+if not holds(KEYS[2], 'stream') or not holds(KEYS[3], 'hash') then
+  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream or attempts hash holds another type')
+end
+local e = dead_fields(ARGV[2], stored_fields(KEYS[1], ARGV[2]), ARGV[4], ARGV[5], attempts,
+                      tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(e))
+redis.call('HDEL', KEYS[3], ARGV[2])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
-_DEAD_LUA = """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+# KEYS: uploads, result hash, results stream, attempts. ARGV: group, entry id, ttl, results maxlen, then
+# n + the hash's fields, then m + the results entry's fields (both fixed, short lists built by danmul).
+# Returns 1 (written), 2 (the results entry written, the hash kept: it holds a newer upload's result), 0 (no
+# longer pending: nothing written).
+_COMPLETE_LUA = _LUA_COMMON + """
+if not times_delivered(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
+if not holds(KEYS[2], 'hash') or not holds(KEYS[3], 'stream') or not holds(KEYS[4], 'hash') then
+  return redis.error_reply('WRONGTYPE danmul: a result key holds another type')
+end
+local n = tonumber(ARGV[5])
+local m = tonumber(ARGV[6 + n])
+local current = redis.call('HGET', KEYS[2], 'upload_id')
+local newest = (not current) or not id_lt(ARGV[2], current)
+if newest then
+  local hash = {}
+  for i = 1, n do hash[i] = ARGV[5 + i] end
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], 'upload_id', ARGV[2], unpack(hash))
+  local ttl = tonumber(ARGV[3])
+  if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+end
 local entry = {}
-for i = 4, #ARGV do entry[#entry + 1] = ARGV[i] end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(entry))
-return 1
+for i = 1, m do entry[i] = ARGV[6 + n + i] end
+if not newest then
+  entry[#entry + 1] = 'superseded'
+  entry[#entry + 1] = '1'
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(entry))
+redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if newest then return 1 end
+return 2
+"""
+
+# Reading new uploads with a byte budget. XREADGROUP one entry at a time (so the script never holds more
+# than the budget plus one entry): an entry over max_entry is dead-lettered as too_large at once, unread by
+# the consumer. KEYS: uploads, dead, attempts. ARGV: group, consumer, count, max_entry, budget, dead maxlen,
+# max_fields, max_value, max_image. Returns {uploads, dead}: uploads = {id, fields, size}..., dead = {id,
+# reason, detail}...
+_READ_LUA = _LUA_COMMON + """
+if not holds(KEYS[2], 'stream') or not holds(KEYS[3], 'hash') then
+  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream or attempts hash holds another type')
+end
+local out, dead, total = {}, {}, 0
+for _ = 1, tonumber(ARGV[3]) do
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
+  if not r then break end
+  local id, fields = r[1][2][1][1], r[1][2][1][2]
+  local size = entry_size(fields)
+  if size > tonumber(ARGV[4]) then
+    local detail = 'upload entry of ' .. size .. ' bytes > ' .. ARGV[4]
+    local e = dead_fields(id, fields, 'too_large', detail, 1, tonumber(ARGV[7]), tonumber(ARGV[8]),
+                          tonumber(ARGV[9]))
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', unpack(e))
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    dead[#dead + 1] = {id, 'too_large', detail}
+    break
+  end
+  out[#out + 1] = {id, fields, size}
+  total = total + size
+  if total >= tonumber(ARGV[5]) then break end
+end
+return {out, dead}
+"""
+
+# Taking over uploads whose consumer died or hung (idle longer than min_idle), one at a time from a cursor
+# that persists across calls. Before an entry is read its delivery count is checked (XAUTOCLAIM JUSTID
+# claims without counting or loading it): one delivered max_deliveries times already is dead-lettered by id
+# (poison: it took its consumer or model replica down each time; internal_error / max_deliveries: the last
+# recorded failure), never decoded again. Entries deleted from the stream while pending (XAUTOCLAIM drops
+# them from the pending list) are dead-lettered as deleted. The rest are claimed with XCLAIM (which counts
+# the delivery and loads the body) under the same byte budget as reads.
+# KEYS: uploads, dead, attempts. ARGV: group, consumer, min_idle, cursor, count, max_entry, budget,
+# max_deliveries, dead maxlen, max_fields, max_value, max_image.
+# Returns {next cursor, uploads {id, fields, size, deliveries}..., dead {id, reason, detail}...}.
+_CLAIM_LUA = _LUA_COMMON + """
+if not holds(KEYS[2], 'stream') or not holds(KEYS[3], 'hash') then
+  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream or attempts hash holds another type')
+end
+local cursor = ARGV[4]
+local out, dead, total = {}, {}, 0
+local max_fields, max_value, max_image = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local function bury(id, fields, reason, detail, attempts, ack)
+  local e = dead_fields(id, fields, reason, detail, attempts, max_fields, max_value, max_image)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', unpack(e))
+  redis.call('HDEL', KEYS[3], id)
+  if ack then redis.call('XACK', KEYS[1], ARGV[1], id) end
+  dead[#dead + 1] = {id, reason, detail}
+end
+for _ = 1, tonumber(ARGV[5]) do
+  local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], cursor, 'COUNT', 1, 'JUSTID')
+  cursor = r[1]
+  for _, id in ipairs(r[3] or {}) do
+    bury(id, {}, 'deleted', 'deleted from the uploads stream while pending', 0, false)
+  end
+  local id = r[2][1]
+  if id then
+    local delivered = times_delivered(KEYS[1], ARGV[1], id)
+    if delivered >= tonumber(ARGV[8]) then
+      local last = redis.call('HGET', KEYS[3], id)
+      local reason, detail = 'max_deliveries', 'delivered ' .. delivered .. ' times without a result'
+      if not last or last == 'replica_died' then
+        reason = 'poison'
+        detail = detail .. ': its consumer or model replica stopped each time'
+      elseif last == 'internal_error' then
+        reason = 'internal_error'
+      else
+        detail = detail .. '; last: ' .. last
+      end
+      bury(id, stored_fields(KEYS[1], id), reason, detail, delivered, true)
+    else
+      local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
+      if #c > 0 then
+        local fields = c[1][2]
+        local size = entry_size(fields)
+        if size > tonumber(ARGV[6]) then
+          bury(id, fields, 'too_large', 'upload entry of ' .. size .. ' bytes > ' .. ARGV[6], delivered + 1, true)
+        else
+          out[#out + 1] = {id, fields, size, delivered + 1}
+          total = total + size
+        end
+      end
+    end
+  end
+  if cursor == '0-0' or total >= tonumber(ARGV[7]) then break end
+end
+return {cursor, out, dead}
+"""
+
+# Heartbeat: reset the idle time of uploads this consumer is still working on (XCLAIM JUSTID neither counts
+# a delivery nor loads the entry), so a slow upload is not reclaimed from under a live consumer. Only
+# entries still pending to this consumer are touched. KEYS: uploads. ARGV: group, consumer, ids...
+_TOUCH_LUA = """
+local n = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p == 1 and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"""
+
+# Retention: trim acknowledged uploads older than keep_ms, and never an entry at or above the oldest one any
+# group still needs (its last-delivered id, or its oldest pending entry). KEYS: uploads. ARGV: keep_ms.
+# Returns the number of entries trimmed.
+_TRIM_LUA = _LUA_COMMON + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local floor = nil
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #g - 1, 2 do info[g[i]] = g[i + 1] end
+  local need = info['last-delivered-id']
+  local p = redis.call('XPENDING', KEYS[1], info['name'])
+  if p[1] > 0 and id_lt(p[2], need) then need = p[2] end
+  if floor == nil or id_lt(need, floor) then floor = need end
+end
+if floor == nil then return 0 end
+local t = redis.call('TIME')
+local cutoff_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
+if cutoff_ms <= 0 then return 0 end
+local cutoff = string.format('%d-0', cutoff_ms)
+if id_lt(cutoff, floor) then floor = cutoff end
+return redis.call('XTRIM', KEYS[1], 'MINID', floor)
 """
 
 
 @dataclass(frozen=True)
 class Keys:
-    """Key names under one prefix (default ``danmul:``)."""
+    """Key names under one prefix (default ``danmul:``; on a Redis Cluster one with a hash tag, such as
+    ``{danmul}:``, so that every key of the protocol lives in one slot and the scripts may touch them
+    together)."""
 
     prefix: str = DEFAULT_PREFIX
 
@@ -101,8 +349,20 @@ class Keys:
     def dead(self) -> str:
         return f"{self.prefix}dead"
 
+    @property
+    def attempts(self) -> str:
+        """Hash: pending upload id -> why its last delivery left it pending (so the dead letter says why)."""
+        return f"{self.prefix}attempts"
+
     def result(self, post_id: int | str) -> str:
         return f"{self.prefix}result:{post_id}"
+
+    @property
+    def hash_tag(self) -> str | None:
+        """The part of the prefix Redis Cluster hashes (``danmul`` for ``{danmul}:``), or None."""
+        start = self.prefix.find("{")
+        end = self.prefix.find("}", start + 1)
+        return self.prefix[start + 1 : end] if start >= 0 and end > start + 1 else None
 
 
 class BadUpload(ValueError):
@@ -120,6 +380,7 @@ class Upload:
     entry_id: str
     fields: dict[str, bytes]
     deliveries: int = 1
+    size: int = 0  # bytes of the entry (field names and values)
 
     @property
     def enqueued_at(self) -> float:
@@ -175,19 +436,54 @@ def parse_upload(upload: Upload, max_image_bytes: int) -> UploadRequest:
     return UploadRequest(post_id, uri.strip() if uri and not image else None, image or None, tags)
 
 
+class RedisSetupError(ValueError):
+    """Redis is reachable but unfit to run on (credentials refused, version, eviction policy, cluster key
+    layout): a clear, fatal message for the operator, not something to retry."""
+
+
+AUTH_ERRORS = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError,
+               redis.exceptions.NoPermissionError)
+
+
+def _credentials(url: str) -> dict[str, str]:
+    """Username and password for ``url`` from the environment, where the URL does not carry them itself:
+    ``REDIS_USERNAME``/``REDIS_PASSWORD`` work with or without a user in the URL (``rediss://danmul@host``
+    plus ``REDIS_PASSWORD`` from a Kubernetes Secret), and never override what the URL says."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    out = {}
+    if parts.password is None and "password" not in query and os.environ.get("REDIS_PASSWORD"):
+        out["password"] = os.environ["REDIS_PASSWORD"]
+    if not parts.username and "username" not in query and os.environ.get("REDIS_USERNAME"):
+        out["username"] = os.environ["REDIS_USERNAME"]
+    return out
+
+
 def connect(url: str, asyncio: bool = False, socket_timeout: float = 30.0, retries: int = 3,
-            max_connections: int = 64) -> redis.Redis | aioredis.Redis:
-    """A client for a ``redis://`` or ``rediss://`` (TLS) URL. The password comes from the URL or, so it
-    stays off command lines, from ``REDIS_PASSWORD``. The socket timeout is longer than any
-    ``XREADGROUP BLOCK`` we issue (redis-py 8's default of 5 s would cut blocking reads short);
-    connection errors are retried with backoff."""
+            max_connections: int = 64, ca_file: str | None = None, cluster: bool = False):
+    """A client for a ``redis://`` or ``rediss://`` (TLS) URL, or a Redis Cluster (``cluster``; any node's
+    URL). User and password come from the URL or, so they stay off command lines and config files, from
+    ``REDIS_USERNAME`` / ``REDIS_PASSWORD``; a TLS server is verified against ``ca_file`` (else
+    ``REDIS_CA_FILE``, else the system's CAs). The socket timeout is longer than any blocking call we
+    make (redis-py 8's default of 5 s would cut them short); connection errors are retried with backoff,
+    refused credentials are not (they raise ``AUTH_ERRORS`` at once)."""
     kwargs: dict[str, Any] = dict(
-        socket_timeout=socket_timeout, socket_connect_timeout=10.0, health_check_interval=15,
+        socket_timeout=socket_timeout, socket_connect_timeout=10.0,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError], **_credentials(url),
     )  # fmt: skip
-    if os.environ.get("REDIS_PASSWORD") and "@" not in url:
-        kwargs["password"] = os.environ["REDIS_PASSWORD"]
+    ca = ca_file or os.environ.get("REDIS_CA_FILE")
+    if ca and url.startswith("rediss://"):
+        if not os.path.isfile(ca):
+            raise RedisSetupError(f"the Redis CA file {ca} does not exist")
+        kwargs["ssl_ca_certs"] = ca
+    if cluster:
+        from redis.asyncio.cluster import RedisCluster as AsyncCluster
+        from redis.cluster import RedisCluster
+
+        kwargs.pop("retry_on_error")
+        return (AsyncCluster if asyncio else RedisCluster).from_url(url, max_connections=max_connections, **kwargs)
+    kwargs["health_check_interval"] = 15
     # A bounded pool that waits for a free connection: hundreds of uploads in flight share a few
     # connections instead of failing with "too many connections".
     pool_cls = aioredis.BlockingConnectionPool if asyncio else redis.BlockingConnectionPool
@@ -195,23 +491,102 @@ def connect(url: str, asyncio: bool = False, socket_timeout: float = 30.0, retri
     return (aioredis.Redis if asyncio else redis.Redis)(connection_pool=pool)
 
 
-def redact(url: str) -> str:
-    """A Redis URL fit for logs: the password replaced by ``***``."""
-    from urllib.parse import urlsplit, urlunsplit
+_SECRET_QUERY = ("password", "pass", "passwd", "pwd", "secret", "token", "auth", "requirepass")
 
+
+def _strip_secrets(url: str, replacement: str | None) -> str:
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        if has_password:
+            netloc = f"{user}:{replacement}@{hostport}" if replacement is not None else (
+                f"{user}@{hostport}" if user else hostport)  # fmt: skip
+    pairs = []
+    for pair in parts.query.split("&"):
+        if not pair:
+            continue
+        name = pair.partition("=")[0]
+        if name.lower() in _SECRET_QUERY:
+            if replacement is not None:
+                pairs.append(f"{name}={replacement}")
+        else:
+            pairs.append(pair)
+    return urlunsplit(parts._replace(netloc=netloc, query="&".join(pairs)))
+
+
+def redact(url: str) -> str:
+    """A Redis URL fit for logs: a password in the userinfo or in the query (``?password=``, and any
+    other parameter that names a secret) replaced by ``***``."""
+    try:
+        return _strip_secrets(url, "***")
+    except ValueError:
+        return "<unparseable Redis URL>"
+
+
+def without_password(url: str) -> str:
+    """``url`` with every password removed (userinfo and query), for config files: the secret then comes
+    from ``REDIS_PASSWORD`` where the tagger runs."""
+    return _strip_secrets(url, None)
+
+
+EVICTING = "allkeys-"  # maxmemory policies that may evict any key, streams included
+
+
+def check_server(client, keys: Keys, allow_eviction: bool = False, cluster: bool = False) -> list[str]:
+    """Refuse a Redis the tagger cannot keep its promise on (raises :class:`RedisSetupError` with what to
+    change); returns warnings worth a log line. Sync client. Checks: the credentials work (PING and the
+    commands the protocol needs), Redis is 7.0 or newer (XAUTOCLAIM's deleted-entry list, consumer-group
+    lag), the eviction policy cannot evict the uploads stream, and on a cluster the prefix carries a hash
+    tag. Connection errors propagate (Redis may just be starting)."""
+    warnings: list[str] = []
+    try:
+        client.ping()
+        info = client.info("server")
+        memory = client.info("memory")
+    except AUTH_ERRORS as e:
+        raise RedisSetupError(f"Redis refused the credentials ({e}): check the user and password in the URL, "
+                              "or REDIS_USERNAME / REDIS_PASSWORD, and the user's ACL") from None
+    if cluster:  # a cluster client answers per node: any node's answer will do
+        info = next(iter(info.values())) if info and isinstance(next(iter(info.values())), dict) else info
+        memory = next(iter(memory.values())) if memory and isinstance(next(iter(memory.values())), dict) else memory
+    version = str(info.get("redis_version", "0"))
+    if tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) < (7, 0):
+        raise RedisSetupError(f"Redis {version} is too old: danmul needs 7.0 or newer (XAUTOCLAIM reports "
+                              "uploads deleted while pending; consumer groups report lag)")
+    policy = str(memory.get("maxmemory_policy", "noeviction"))
+    if policy.startswith(EVICTING):
+        message = (f"Redis evicts keys under memory pressure (maxmemory-policy {policy}): it could evict the "
+                   "uploads stream and lose every upload in it. Set maxmemory-policy noeviction (or volatile-*)")
+        if not allow_eviction:
+            raise RedisSetupError(message + ", or pass --allow-eviction to run anyway")
+        warnings.append(message + "; running anyway (--allow-eviction)")
+    elif policy.startswith("volatile-") and policy != "volatile-ttl":
+        warnings.append(f"maxmemory-policy {policy}: result hashes with a TTL (--result-ttl-s) may be evicted "
+                        "early; the streams have no TTL and are safe")
+    if cluster and keys.hash_tag is None:
+        raise RedisSetupError(f"on a Redis Cluster the key prefix must carry a hash tag so every key of an upload "
+                              f"lives in one slot: use --prefix '{{{keys.prefix.rstrip(':')}}}:' instead of "
+                              f"{keys.prefix!r}")
+    try:  # scripts on danmul's keys, read-only: an ACL that forbids them fails here, not mid-stream
+        client.eval("return redis.call('EXISTS', KEYS[1])", 1, keys.uploads)
+    except AUTH_ERRORS as e:
+        raise RedisSetupError(f"the Redis user may not use danmul's keys or commands ({e}): it needs the "
+                              f"stream, hash and scripting commands on {keys.prefix}*") from None
+    return warnings
 
 
 # -- one-round-trip commands (sync or async client) -------------------------------------------------------
 def enqueue(client, keys: Keys, post_id: int | str | None, image_uri: str | None = None,
-            image: bytes | None = None, tags: str | list[str] | None = None, **extra: str):
-    """``XADD`` one upload; returns its entry id (or an awaitable for an async client)."""
+            image: bytes | None = None, tags: str | list[str] | None = None,
+            max_image_bytes: int | None = INLINE_IMAGE_MAX, **extra: str):
+    """``XADD`` one upload; returns its entry id (or an awaitable for an async client). An inline image
+    over ``max_image_bytes`` is refused here (``ValueError``), before it reaches Redis: the tagger would
+    only dead-letter it (pass such an image by ``image_uri``). ``None`` lifts the check (tests)."""
+    if image is not None and max_image_bytes is not None and len(image) > max_image_bytes:
+        raise ValueError(f"inline image of {len(image):,} bytes for post {post_id} is over the "
+                         f"{max_image_bytes:,}-byte limit: store it and pass its image_uri instead")
     fields: dict[str, Any] = {}
     if post_id is not None:
         fields["post_id"] = str(post_id)
@@ -245,23 +620,70 @@ class GroupStats:
     pending: int  # delivered to a consumer, not yet acknowledged
     lag: int  # entries not yet delivered to any consumer (Redis 7+); -1 when Redis cannot tell
     consumers: int
+    length: int = 0  # entries in the uploads stream (acknowledged history included)
+    # something other than the tagger deleted entries the group had not read yet (XTRIM/XDEL by hand,
+    # XADD ... MAXLEN): those uploads are gone without a trace
+    undelivered_deleted: bool = False
+
+
+@dataclass
+class DeadLettered:
+    """An upload a script dead-lettered by itself (too large to read, delivered too often, deleted)."""
+
+    entry_id: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class Delivery:
+    """What one read or reclaim brought: uploads to work on, and uploads the script ended as dead letters."""
+
+    uploads: list[Upload] = field(default_factory=list)
+    dead: list[DeadLettered] = field(default_factory=list)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _fields(flat: list) -> dict[str, bytes]:
+    """A Lua reply's flat [name, value, ...] -> ``{str: bytes}`` (a repeated name keeps its first value)."""
+    out: dict[str, bytes] = {}
+    for i in range(0, len(flat) - 1, 2):
+        out.setdefault(_text(flat[i]), flat[i + 1] if isinstance(flat[i + 1], bytes) else str(flat[i + 1]).encode())
+    return out
+
+
+def _dead(reply: list) -> list[DeadLettered]:
+    return [DeadLettered(_text(i), _text(r), _text(d)) for i, r, d in reply]
 
 
 @dataclass
 class AsyncUploadQueue:
-    """The consumer side of the protocol, on an asyncio client."""
+    """The consumer side of the protocol, on an asyncio client (a Redis or a Redis Cluster one)."""
 
-    client: aioredis.Redis
+    client: Any
     keys: Keys = field(default_factory=Keys)
     group: str = DEFAULT_GROUP
     consumer: str = "consumer"
     results_maxlen: int = RESULTS_MAXLEN
     dead_maxlen: int = DEAD_MAXLEN
     result_ttl_s: int = 0  # 0: result hashes never expire
+    max_entry_bytes: int = MAX_ENTRY_BYTES
 
     def __post_init__(self) -> None:
         self._complete = self.client.register_script(_COMPLETE_LUA)
         self._dead = self.client.register_script(_DEAD_LUA)
+        self._read = self.client.register_script(_READ_LUA)
+        self._claim = self.client.register_script(_CLAIM_LUA)
+        self._trim = self.client.register_script(_TRIM_LUA)
+        self._touch = self.client.register_script(_TOUCH_LUA)
+        self._cursor = "0-0"  # XAUTOCLAIM's: each reclaim continues the scan where the last one stopped
+
+    @property
+    def _dead_caps(self) -> list:
+        return [self.dead_maxlen, DEAD_MAX_FIELDS, DEAD_MAX_VALUE, DEAD_INLINE_IMAGE_MAX]
 
     async def ensure_group(self) -> None:
         """Create the stream and the group if they do not exist (the group starts at the stream's start,
@@ -272,68 +694,102 @@ class AsyncUploadQueue:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    async def read(self, count: int, block_ms: int) -> list[Upload]:
-        """New entries for this consumer (at most ``count``), waiting up to ``block_ms`` for one."""
+    async def read(self, count: int, budget_bytes: int) -> Delivery:
+        """New entries for this consumer: at most ``count``, and no more than one past ``budget_bytes`` of
+        entry data. Does not block: an empty Delivery means nothing is waiting. An entry over
+        ``max_entry_bytes`` comes back dead-lettered (``too_large``), its body never sent here."""
+        keys = [self.keys.uploads, self.keys.dead, self.keys.attempts]
+        args = [self.group, self.consumer, count, self.max_entry_bytes, max(1, budget_bytes), *self._dead_caps]
         try:
-            reply = await self.client.xreadgroup(self.group, self.consumer, {self.keys.uploads: ">"},
-                                                 count=count, block=block_ms)
+            uploads, dead = await self._read(keys=keys, args=args)
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):  # the stream or group was deleted (or Redis lost it): recreate
                 raise
             await self.ensure_group()
-            return []
-        return [Upload(_id(eid), decode_fields(raw)) for _, entries in reply or [] for eid, raw in entries
-                if raw is not None]
+            return Delivery()
+        return Delivery([Upload(_text(i), _fields(f), 1, int(n)) for i, f, n in uploads], _dead(dead))
 
-    async def reclaim(self, min_idle_ms: int, count: int) -> list[Upload]:
+    async def reclaim(self, min_idle_ms: int, count: int, budget_bytes: int, max_deliveries: int) -> Delivery:
         """Take over entries pending longer than ``min_idle_ms`` (their consumer died or hung), with their
-        delivery counts. Entries deleted from the stream while pending are acknowledged and dropped."""
-        reply = await self.client.xautoclaim(self.keys.uploads, self.group, self.consumer, min_idle_ms,
-                                             start_id="0-0", count=count)
-        claimed, deleted = reply[1], (reply[2] if len(reply) > 2 else [])
-        if deleted:
-            await self.client.xack(self.keys.uploads, self.group, *deleted)
-        uploads = [Upload(_id(eid), decode_fields(raw)) for eid, raw in claimed if raw is not None]
-        if uploads:
-            pending = await self.client.xpending_range(
-                self.keys.uploads, self.group, min=uploads[0].entry_id, max=uploads[-1].entry_id,
-                count=len(uploads) + 1000, consumername=self.consumer)  # fmt: skip
-            counts = {_id(p["message_id"]): int(p["times_delivered"]) for p in pending}
-            for u in uploads:
-                u.deliveries = counts.get(u.entry_id, 1)
-        return uploads
+        delivery counts, continuing the scan where the last call stopped. Entries delivered
+        ``max_deliveries`` times already, deleted from the stream while pending, or too large come back
+        dead-lettered (see ``_CLAIM_LUA``)."""
+        keys = [self.keys.uploads, self.keys.dead, self.keys.attempts]
+        args = [self.group, self.consumer, min_idle_ms, self._cursor, count, self.max_entry_bytes, max(1, budget_bytes),
+                max_deliveries, *self._dead_caps]  # fmt: skip
+        try:
+            cursor, uploads, dead = await self._claim(keys=keys, args=args)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            await self.ensure_group()
+            return Delivery()
+        self._cursor = _text(cursor)
+        return Delivery([Upload(_text(i), _fields(f), int(d), int(n)) for i, f, n, d in uploads], _dead(dead))
 
     async def complete(self, upload: Upload, post_id: int, result: Mapping[str, str],
-                       summary: Mapping[str, str]) -> bool:
-        """Write the result hash and a ``results`` entry and acknowledge, atomically. False when another
-        delivery of the same upload already did (nothing is written then)."""
-        hash_fields = [x for kv in result.items() for x in kv]
+                       summary: Mapping[str, str]) -> int:
+        """Write the result hash and a ``results`` entry, then acknowledge, atomically. Returns 1 when
+        written; 2 when the hash already held a newer upload's result for this post (kept; the ``results``
+        entry is written with ``superseded``); 0 when another delivery of the same upload already ended
+        it (nothing is written)."""
+        hash_fields = [x for kv in result.items() if kv[0] != "upload_id" for x in kv]
         entry = [x for kv in {"post_id": str(post_id), "upload_id": upload.entry_id, **summary}.items() for x in kv]
-        args = [self.group, upload.entry_id, len(hash_fields), *hash_fields, self.result_ttl_s, len(entry), *entry,
-                self.results_maxlen]
-        done = await self._complete(keys=[self.keys.uploads, self.keys.result(post_id), self.keys.results], args=args)
-        return bool(done)
+        args = [self.group, upload.entry_id, self.result_ttl_s, self.results_maxlen, len(hash_fields), *hash_fields,
+                len(entry), *entry]  # fmt: skip
+        keys = [self.keys.uploads, self.keys.result(post_id), self.keys.results, self.keys.attempts]
+        return int(await self._complete(keys=keys, args=args))
 
-    async def dead_letter(self, upload: Upload, reason: str, detail: str = "") -> bool:
-        """Move an upload to the dead-letter stream with its reason, acknowledged, atomically."""
-        entry: dict[str, bytes | str] = {
-            "post_id": upload.fields.get("post_id", b""), "reason": reason, "detail": detail[:500],
-            "attempts": str(upload.deliveries), "upload_id": upload.entry_id,
-        }  # fmt: skip
-        for k, v in upload.fields.items():
-            if k == "image" and len(v) > DEAD_INLINE_IMAGE_MAX:
-                entry["image_bytes"] = str(len(v))  # too big to copy; its size says what it was
-            elif k not in entry:
-                entry[k] = v
-        args = [self.group, upload.entry_id, self.dead_maxlen, *[x for kv in entry.items() for x in kv]]
-        return bool(await self._dead(keys=[self.keys.uploads, self.keys.dead], args=args))
+    async def dead_letter(self, upload: Upload | str, reason: str, detail: str = "") -> bool:
+        """Move an upload to the dead-letter stream with its reason, then acknowledge, atomically. The
+        script copies the upload's fields from the stream itself (capped in number and size), so this
+        works by id alone. False when another delivery already ended the upload."""
+        entry_id = upload.entry_id if isinstance(upload, Upload) else upload
+        args = [self.group, entry_id, self.dead_maxlen, reason, detail[:DEAD_MAX_DETAIL], DEAD_MAX_FIELDS,
+                DEAD_MAX_VALUE, DEAD_INLINE_IMAGE_MAX]  # fmt: skip
+        return bool(await self._dead(keys=[self.keys.uploads, self.keys.dead, self.keys.attempts], args=args))
+
+    async def record_attempt(self, entry_id: str, reason: str) -> None:
+        """Remember why an upload's delivery left it pending; its dead letter names the last such reason
+        if it never succeeds (and ``replica_died`` or nothing at all makes it ``poison``)."""
+        await self.client.hset(self.keys.attempts, entry_id, reason)
+
+    async def touch(self, entry_ids: list[str]) -> int:
+        """Tell the group these uploads are still being worked on (reset their idle time); returns how many
+        were still this consumer's."""
+        if not entry_ids:
+            return 0
+        return int(await self._touch(keys=[self.keys.uploads], args=[self.group, self.consumer, *entry_ids]))
+
+    async def trim(self, keep_s: float) -> int:
+        """Trim acknowledged uploads older than ``keep_s`` (never one a group still needs); returns how many."""
+        return int(await self._trim(keys=[self.keys.uploads], args=[int(keep_s * 1000)]))
 
     async def stats(self) -> GroupStats:
-        for g in await self.client.xinfo_groups(self.keys.uploads):
-            if _id(g["name"]) == self.group:
+        try:
+            groups = await self.client.xinfo_groups(self.keys.uploads)
+            stream = await self.client.xinfo_stream(self.keys.uploads)
+        except redis.ResponseError as e:
+            if "no such key" in str(e).lower():
+                return GroupStats(0, 0, 0)
+            raise
+        for g in groups:
+            if _text(g["name"]) == self.group:
                 lag = g.get("lag")
-                return GroupStats(int(g["pending"]), -1 if lag is None else int(lag), int(g["consumers"]))
-        return GroupStats(0, -1, 0)
+                deleted = _text(stream.get("max-deleted-entry-id", "0-0"))
+                last = _text(g.get("last-delivered-id", "0-0"))
+                lost = _id_key(deleted) > _id_key(last)
+                return GroupStats(int(g["pending"]), -1 if lag is None else int(lag), int(g["consumers"]),
+                                  int(stream.get("length", 0)), lost)  # fmt: skip
+        return GroupStats(0, -1, 0, int(stream.get("length", 0)))
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return (0, 0)
 
 
 def result_fields(prediction: Mapping[str, Any], processed_at: float | None = None) -> dict[str, str]:

@@ -136,10 +136,14 @@ def _serve(args: argparse.Namespace) -> int:
         import yaml
 
         from deploy.app import serve_config
+        from ingest.queue import without_password
 
         with open(args.write_config, "w") as f:
             yaml.safe_dump(serve_config(settings), f, sort_keys=False)
         print(f"wrote {args.write_config}: deploy it with `serve deploy {args.write_config}` or in a RayService")
+        if without_password(settings.redis) != settings.redis:
+            print("  the Redis password was not written: set REDIS_PASSWORD (or DANMUL_REDIS_URL) where the tagger "
+                  "runs, e.g. from a Kubernetes Secret")
         return 0
     serve_forever(settings, log=lambda line: print(line, flush=True))
     return 0
@@ -152,9 +156,12 @@ def _enqueue(args: argparse.Namespace) -> int:
     cfg = cfgmod.resolve(EnqueueSettings, args, args.config)
     if not args.sources and not cfg.data:
         raise ValueError("nothing to enqueue: give image files or URIs, or --data")
-    count, first, last = enqueue_all(cfg, args.sources)
-    print(f"enqueued {count:,} uploads on {redact(cfg.redis)} {cfg.prefix}uploads (entries {first} .. {last})")
-    return 0
+    done = enqueue_all(cfg, args.sources)
+    print(f"enqueued {done.count:,} uploads on {redact(cfg.redis)} {cfg.prefix}uploads (entries {done.first} .. "
+          f"{done.last})")
+    for why in done.refused:
+        print(f"danmul: refused: {why}", file=sys.stderr)
+    return 1 if done.refused else 0
 
 
 def _backfill(args: argparse.Namespace) -> int:

@@ -17,8 +17,13 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, folder: str, port: int | None = None):
+    """``args``: more redis-server options (``["--appendfsync", "always"]``, ``["--requirepass", ...]``); a
+    later option overrides an earlier one. ``username``/``password``: what the readiness check uses."""
+
+    def __init__(self, folder: str, port: int | None = None, args: list[str] | None = None,
+                 password: str | None = None, username: str | None = None):
         self.folder, self.port, self.proc = folder, port or free_port(), None
+        self.args, self.password, self.username = list(args or []), password, username
 
     @property
     def url(self) -> str:
@@ -32,9 +37,9 @@ class RedisServer:
             raise FileNotFoundError("redis-server is not installed (make setup installs the OS package)")
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.folder,
-             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no"],
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no", *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=self.password, username=self.username)
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -48,6 +53,13 @@ class RedisServer:
                     time.sleep(0.05)
         finally:
             client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no flush, no goodbye (what a crash or an OOM kill does)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

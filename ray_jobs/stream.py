@@ -37,6 +37,7 @@ def serve_forever(s: ServeSettings, log=print, stop: threading.Event | None = No
     from deploy.app import deploy, undeploy
     from ingest.queue import redact
 
+    check_redis(s, log)
     ensure_ray(s.address, cpus_needed(s))
     stop = stop or threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -62,6 +63,26 @@ def serve_forever(s: ServeSettings, log=print, stop: threading.Event | None = No
     log("stopped")
 
 
+def check_redis(s: ServeSettings, log=print) -> None:
+    """Before anything starts: refuse a Redis the tagger cannot keep its promise on (wrong credentials, an
+    evicting policy, too old, a cluster prefix without a hash tag) with a clear message
+    (``ingest.queue.RedisSetupError``, a ValueError the CLI prints); an unreachable Redis is only a warning
+    (the consumers wait for it)."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    from ingest.queue import Keys, check_server, connect, redact
+
+    client = connect(s.redis, ca_file=s.redis_ca_file, cluster=s.redis_cluster, retries=0)
+    try:
+        for warning in check_server(client, Keys(s.prefix), s.allow_eviction, s.redis_cluster):
+            log(f"warning: {warning}")
+    except (ConnectionError, TimeoutError, OSError) as e:
+        log(f"warning: Redis at {redact(s.redis)} is not reachable yet ({type(e).__name__}: {e}); the consumers "
+            "will wait for it")
+    finally:
+        client.close()
+
+
 # -- enqueue -----------------------------------------------------------------------------------------------
 @dataclass
 class EnqueueSettings:
@@ -76,6 +97,8 @@ class EnqueueSettings:
     as_uri: bool = field(default=False, metadata={
         "help": "send local files as image_uri paths (the tagger needs --local-roots) instead of inline bytes"})
     endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (default: AWS_ENDPOINT_URL)"})
+    max_image_bytes: int = field(default=32 << 20, metadata={
+        "help": "largest inline image sent; a larger file is refused before it reaches Redis (send it as a URI)"})
 
 
 def _post_id(path: str, fallback: int) -> int:
@@ -85,7 +108,7 @@ def _post_id(path: str, fallback: int) -> int:
 
 def uploads_from(s: EnqueueSettings, sources: list[str]) -> Iterator[dict]:
     """The uploads to add, as ``enqueue`` keyword arguments."""
-    from ingest.storage import Storage, is_s3
+    from ingest.storage import Storage, TooLarge, is_s3
 
     n = 0
     for i, src in enumerate(sources):
@@ -93,7 +116,13 @@ def uploads_from(s: EnqueueSettings, sources: list[str]) -> Iterator[dict]:
             yield {"post_id": _post_id(src, i + 1), "image_uri": src if is_s3(src) else os.path.abspath(src),
                    "tags": s.tags}
         else:
-            yield {"post_id": _post_id(src, i + 1), "image": Storage(src).read_bytes(), "tags": s.tags}
+            try:  # never more than the limit read: a huge file is refused, not loaded
+                image = Storage(src).read_bytes(max_bytes=s.max_image_bytes)
+            except TooLarge:
+                yield {"refused": f"{src} is over the {s.max_image_bytes:,}-byte limit for an inline image: send it "
+                                  "as a URI the tagger may fetch"}
+                continue
+            yield {"post_id": _post_id(src, i + 1), "image": image, "tags": s.tags}
         n += 1
     if s.data:
         from ingest.shards import iter_examples
@@ -107,11 +136,21 @@ def uploads_from(s: EnqueueSettings, sources: list[str]) -> Iterator[dict]:
             n += 1
 
 
-def enqueue_all(s: EnqueueSettings, sources: list[str], batch: int = 500) -> tuple[int, str | None, str | None]:
-    """Add the uploads in pipelined batches; returns (count, first entry id, last entry id)."""
+@dataclass
+class Enqueued:
+    count: int
+    first: str | None
+    last: str | None
+    refused: list[str]  # uploads refused before reaching Redis (an inline image over the limit), with why
+
+
+def enqueue_all(s: EnqueueSettings, sources: list[str], batch: int = 500) -> Enqueued:
+    """Add the uploads in pipelined batches. An upload the tagger could only dead-letter (an inline image
+    over ``max_image_bytes``) is refused here, before it reaches Redis, and reported."""
     from ingest.queue import Keys, connect, enqueue
 
     client = connect(s.redis)
+    refused: list[str] = []
     keys = Keys(s.prefix)
     count, first, last = 0, None, None
     pipe = client.pipeline(transaction=False)
@@ -126,11 +165,18 @@ def enqueue_all(s: EnqueueSettings, sources: list[str], batch: int = 500) -> tup
         pending = 0
 
     for kwargs in uploads_from(s, sources):
-        enqueue(pipe, keys, **kwargs)
+        if "refused" in kwargs:
+            refused.append(kwargs["refused"])
+            continue
+        try:
+            enqueue(pipe, keys, **kwargs, max_image_bytes=s.max_image_bytes)
+        except ValueError as e:
+            refused.append(str(e))
+            continue
         count += 1
         pending += 1
         if pending >= batch:
             flush()
     flush()
     client.close()
-    return count, first, last
+    return Enqueued(count, first, last, refused)

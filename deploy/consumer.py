@@ -1,0 +1,432 @@
+"""The queue consumer of the streaming tagger: reads uploads from Redis and sees each one to exactly one
+result or one dead letter (the protocol is ``ingest.queue``; this is its Ray Serve deployment).
+
+Per upload: parse the entry's fields -> fetch the image (object storage, an allowed local root, inline)
+-> the model (grouped calls through :class:`CallBatcher`) -> write the result, or dead-letter with a
+reason. Whatever fails for a reason that may pass (storage trouble, a model replica dying, Redis away, a
+script error) leaves the upload pending with its reason recorded; another delivery tries again, and the
+last reason names the dead letter once ``max_deliveries`` is reached. Nothing that one upload does can stop
+the loop: every exception ends that upload's attempt, not the consumer.
+
+Memory is bounded in bytes (``max_in_flight_bytes``, plus one entry of at most ``max_entry_bytes``) as
+well as in uploads (``max_in_flight``). An upload delivered more than once goes through the isolation
+lane: sent to the model alone, one at a time, so an image that takes a model replica down fails only
+itself there (and becomes a ``poison`` dead letter after ``max_deliveries``), not the uploads batched
+with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deploy.settings import ServeSettings
+
+log = logging.getLogger("danmul.serve")
+
+MODEL_UNAVAILABLE_ATTEMPTS = 3  # a model call refused because no replica is ready is retried this often
+REDIS_WRITE_PATIENCE_S = 30.0  # how long a finished upload waits for Redis to come back before it is left
+IDLE_POLL_S = (0.005, 0.1)  # polling for new uploads when the stream is empty: first and longest wait
+STATS_INTERVAL_S = 2.0
+REDIS_ERROR_LOG_INTERVAL_S = 30.0
+
+
+class CallBatcher:
+    """Groups a consumer's model requests: up to ``size`` uploads (or what arrives within ``wait_s``) go
+    to the model in one ``tag_many`` call. A Serve call costs the caller about a millisecond of CPU, as
+    much as a tiny model's inference per image; one call per group keeps the consumer off the critical
+    path. Several groups are in flight at once; the replica batches images across them."""
+
+    def __init__(self, model: DeploymentHandle, size: int, wait_s: float = 0.005):
+        self.model, self.size, self.wait_s = model, size, wait_s
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.calls: set[asyncio.Task] = set()
+
+    async def submit(self, image: bytes, tags: list[str] | None) -> dict:
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((image, tags, fut))
+        return await fut
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            group = [await self.queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(group) < self.size:
+                try:
+                    group.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                except TimeoutError:
+                    break
+            group = [g for g in group if not g[2].done()]  # callers that gave up (timed out) need nothing
+            if not group:
+                continue
+            call = loop.create_task(self._call(group))
+            self.calls.add(call)
+            call.add_done_callback(self.calls.discard)
+
+    async def _call(self, group: list) -> None:
+        try:
+            results = await self.model.tag_many.remote([g[0] for g in group], [g[1] for g in group])
+        except Exception as e:  # the replica died, or none is ready: each upload decides what to do
+            for _, _, fut in group:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        for (_, _, fut), result in zip(group, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)
+
+
+class LeftPending(Exception):
+    """This delivery of an upload ends without an outcome; ``reason`` is recorded for the next one."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+def _replica_died(e: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+
+    return isinstance(e, RayActorError) or "ActorDiedError" in type(e).__name__
+
+
+@serve.deployment
+class UploadConsumer:
+    """Reads uploads through the consumer group and sees each one to a result or a dead letter.
+
+    At most ``max_in_flight`` uploads and about ``max_in_flight_bytes`` of entries are held at once: the
+    next read asks only for what is free, so a backlog of millions waits in Redis, not here. Every
+    ``claim_idle_s / 2`` the consumer also reclaims uploads left pending by consumers that died, and every
+    ``trim_interval_s`` it trims acknowledged history from the uploads stream."""
+
+    def __init__(self, model: DeploymentHandle, settings: dict):
+        from deploy.runtime import start_metrics
+        from ingest.fetch import ImageFetcher, default_allowed_buckets
+        from ingest.queue import AsyncUploadQueue, Keys, connect
+
+        self.s = ServeSettings(**settings)
+        self.metrics = start_metrics()
+        self.model = model
+        self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        keys = Keys(self.s.prefix)
+        self._check_redis(keys)
+        self.client = connect(self.s.redis, asyncio=True, socket_timeout=30.0, ca_file=self.s.redis_ca_file,
+                              cluster=self.s.redis_cluster)
+        self.queue = AsyncUploadQueue(self.client, keys, self.s.group, self.name, result_ttl_s=self.s.result_ttl_s,
+                                      max_entry_bytes=self.s.max_entry_bytes)
+        roots = [r for r in self.s.local_roots.split(",") if r.strip()]
+        self.fetcher = ImageFetcher(roots, self.s.allow_http, self.s.endpoint_url,
+                                    allowed_buckets=default_allowed_buckets(self.s.checkpoint, self.s.allowed_buckets))
+        self.tasks: set[asyncio.Task] = set()
+        self.held_bytes = 0
+        self.held: dict[str, int] = {}  # entry id -> bytes, of the uploads being worked on
+        self.stopping = asyncio.Event()
+        self.counts: dict[str, int] = {}
+        self.redis_problem: str | None = None
+        self._last_redis_log = 0.0
+        self._undelivered_deleted = False
+        self.solo = asyncio.Lock()  # the isolation lane: redelivered uploads, one at a time
+        self.batcher = CallBatcher(model, size=max(1, min(self.s.max_batch_size, self.s.max_in_flight)))
+        self.batcher_task = asyncio.get_running_loop().create_task(self.batcher.run())
+        self.loop_task = asyncio.get_running_loop().create_task(self._run())
+        self.metrics.CONSUMERS.set(1)
+        log.info("consumer %s reading %s as group %s", self.name, keys.uploads, self.s.group)
+
+    def _check_redis(self, keys) -> None:
+        """Wrong credentials, an evicting Redis or a cluster prefix without a hash tag are fatal here, with
+        the reason (``RedisSetupError``; Serve reports the deployment as failed); an unreachable Redis is
+        not (it may be starting: the loop waits for it)."""
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        from ingest.queue import check_server, connect
+
+        client = connect(self.s.redis, ca_file=self.s.redis_ca_file, cluster=self.s.redis_cluster, retries=0)
+        try:
+            for warning in check_server(client, keys, self.s.allow_eviction, self.s.redis_cluster):
+                log.warning("%s", warning)
+        except (ConnectionError, TimeoutError, OSError) as e:
+            log.warning("redis not reachable at start-up (%s); waiting for it", type(e).__name__)
+        finally:
+            client.close()
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def _free(self) -> tuple[int, int]:
+        return self.s.max_in_flight - len(self.tasks), self.s.max_in_flight_bytes - self.held_bytes
+
+    async def _run(self) -> None:
+        import redis
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        from ingest.queue import AUTH_ERRORS
+
+        backoff, idle = 0.1, IDLE_POLL_S[0]
+        next_claim = next_stats = next_trim = next_touch = 0.0
+        group_ready = False
+        op = "read"
+        while not self.stopping.is_set():
+            try:
+                if not group_ready:
+                    op = "group"
+                    await self.queue.ensure_group()
+                    group_ready = True
+                now = time.monotonic()
+                if now >= next_stats:
+                    op = "stats"
+                    await self._update_stats()
+                    next_stats = now + STATS_INTERVAL_S
+                if now >= next_touch and self.held:
+                    op = "touch"  # uploads being worked on are not idle: keep other consumers off them
+                    await self.queue.touch(list(self.held))
+                    next_touch = now + max(0.5, self.s.claim_idle_s / 3)
+                if now >= next_trim and self.s.stream_retention_s >= 0:
+                    op = "trim"
+                    self.metrics.STREAM_TRIMMED.inc(await self.queue.trim(self.s.stream_retention_s))
+                    next_trim = now + self.s.trim_interval_s
+                free, budget = self._free()
+                if now >= next_claim and free > 0 and budget > 0:
+                    op = "claim"
+                    self._take(await self.queue.reclaim(int(self.s.claim_idle_s * 1000), free, budget,
+                                                        self.s.max_deliveries))
+                    next_claim = now + max(1.0, self.s.claim_idle_s / 2)
+                    free, budget = self._free()
+                if free <= 0 or budget <= 0:
+                    await asyncio.wait(self.tasks, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                op = "read"
+                delivery = await self.queue.read(min(free, 64), budget)
+                self._take(delivery)
+                self._redis_ok()
+                backoff = 0.1
+                if delivery.uploads or delivery.dead:
+                    idle = IDLE_POLL_S[0]
+                else:  # nothing waiting: poll again soon (reads never block, so a huge entry is never fetched)
+                    await asyncio.sleep(idle)
+                    idle = min(idle * 2, IDLE_POLL_S[1])
+            except AUTH_ERRORS as e:
+                self._redis_down(f"Redis refused the credentials ({e}): check REDIS_USERNAME/REDIS_PASSWORD and "
+                                 "the user's ACL", error=True)
+                backoff = min(max(backoff * 2, 1.0), 30.0)
+                await asyncio.sleep(backoff)
+            except (ConnectionError, TimeoutError, OSError) as e:
+                self._redis_down(f"Redis unavailable ({type(e).__name__})")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except redis.ResponseError as e:  # Redis answered with an error (wrong key type, OOM, READONLY, ...)
+                self.metrics.REDIS_ERRORS.labels(op).inc()
+                self._redis_down(f"Redis error in {op}: {str(e)[:300]}", error=True)
+                group_ready = group_ready and "NOGROUP" not in str(e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception as e:  # a bug must not stop the stream: log it, wait, go on
+                log.exception("consumer loop error in %s: %r", op, e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        await self._drain()
+
+    def _take(self, delivery) -> None:
+        for dead in delivery.dead:  # dead-lettered inside Redis (too large, delivered too often, deleted)
+            self.metrics.DEAD_LETTERS.labels(dead.reason).inc()
+            self._finished(dead.entry_id, "dead_letter")
+            log.info("upload %s dead-lettered: %s %s", dead.entry_id, dead.reason, dead.detail[:200])
+        for upload in delivery.uploads:
+            self.held_bytes += upload.size
+            self.held[upload.entry_id] = upload.size
+            task = asyncio.get_running_loop().create_task(self._handle(upload))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def _redis_ok(self) -> None:
+        if self.redis_problem is not None:
+            log.info("redis available again")
+        self.redis_problem = None
+        self.metrics.REDIS_UP.set(1)
+
+    def _redis_down(self, problem: str, error: bool = False) -> None:
+        self.metrics.REDIS_UP.set(0)
+        now = time.monotonic()
+        if problem != self.redis_problem or now - self._last_redis_log > REDIS_ERROR_LOG_INTERVAL_S:
+            (log.error if error else log.warning)("%s; retrying", problem)
+            self._last_redis_log = now
+        self.redis_problem = problem
+
+    async def _drain(self, timeout_s: float = 20.0) -> None:
+        """On stop: let in-flight uploads finish; whatever does not stays pending for another consumer."""
+        if self.tasks:
+            done, left = await asyncio.wait(set(self.tasks), timeout=timeout_s)
+            for t in left:
+                t.cancel()
+            log.info("consumer %s stopped: %d finished in the drain, %d left pending", self.name, len(done),
+                     len(left))
+
+    async def _update_stats(self) -> None:
+        stats = await self.queue.stats()
+        if stats.lag >= 0:
+            self.metrics.QUEUE_LAG.labels(self.s.group).set(stats.lag)
+        self.metrics.QUEUE_PENDING.labels(self.s.group).set(stats.pending)
+        if stats.undelivered_deleted and not self._undelivered_deleted:
+            log.error("uploads the group had not read yet were deleted from %s by something other than the "
+                      "tagger (XTRIM/XDEL by hand, or XADD with MAXLEN): they are lost. Let the tagger trim the "
+                      "stream (--stream-retention-s)", self.queue.keys.uploads)
+        self._undelivered_deleted = stats.undelivered_deleted
+
+    # -- one upload -------------------------------------------------------------------------------------
+    async def _handle(self, upload) -> None:
+        self.metrics.IN_FLIGHT.inc()
+        try:
+            await self._process(upload)
+        except LeftPending as e:
+            await self._leave(upload, e.reason, e.detail)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug or an exception nobody expected: this upload's attempt ends, not the loop
+            log.exception("upload %s: unexpected error", upload.entry_id)
+            await self._leave(upload, "internal_error", f"{type(e).__name__}: {str(e)[:200]}")
+        finally:
+            self.held_bytes -= upload.size
+            self.held.pop(upload.entry_id, None)
+            self.metrics.IN_FLIGHT.dec()
+
+    async def _process(self, upload) -> None:
+        from ingest.fetch import FetchRetry
+        from ingest.queue import INLINE_IMAGE_MAX, BadUpload, parse_upload
+
+        try:
+            req = parse_upload(upload, INLINE_IMAGE_MAX)
+            image = req.image
+            if image is None:
+                t0 = time.perf_counter()
+                image = await asyncio.to_thread(self.fetcher.fetch, req.image_uri)
+                self.metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - t0)
+        except BadUpload as e:
+            await self._dead(upload, e.reason, e.detail)
+            return
+        except FetchRetry as e:
+            raise LeftPending("fetch_error", str(e)) from None
+        out = await self._predict(upload, image, req.tags)
+        if "error" in out:
+            await self._dead(upload, out["error"], out.get("detail", ""))
+        else:
+            await self._write(upload, req.post_id, out)
+
+    async def _predict(self, upload, image: bytes, tags: list[str] | None) -> dict:
+        """The model's answer, or :class:`LeftPending`. A first delivery joins a grouped call; if the model
+        replica dies under that group, the upload is tried once more alone. A redelivered upload goes
+        through the isolation lane only."""
+        timeout = self.s.model_timeout_s
+        if upload.deliveries <= 1:
+            for attempt in range(MODEL_UNAVAILABLE_ATTEMPTS):
+                try:
+                    return await asyncio.wait_for(self.batcher.submit(image, tags), timeout)
+                except TimeoutError:
+                    raise LeftPending("model_timeout", f"no answer within {timeout:.0f} s") from None
+                except Exception as e:
+                    if self.stopping.is_set():
+                        raise LeftPending("model_unavailable", "consumer stopping") from None
+                    if _replica_died(e):
+                        break  # someone in the group (maybe this upload) took the replica down: try alone
+                    log.warning("model call failed (%s: %s), attempt %d", type(e).__name__, str(e)[:200], attempt + 1)
+                    await asyncio.sleep(0.5 * (attempt + 1))
+            else:
+                raise LeftPending("model_unavailable", "no model replica answered")
+        async with self.solo:
+            try:
+                [out] = await asyncio.wait_for(self.model.tag_many.remote([image], [tags]), timeout)
+                return out
+            except TimeoutError:
+                raise LeftPending("model_timeout", f"no answer within {timeout:.0f} s alone") from None
+            except Exception as e:
+                reason = "replica_died" if _replica_died(e) else "model_unavailable"
+                raise LeftPending(reason, f"{type(e).__name__}: {str(e)[:200]}") from None
+
+    async def _write(self, upload, post_id: int, out: dict) -> None:
+        from ingest.queue import result_fields
+
+        t0 = time.perf_counter()
+        summary = {"character": out["characters"][0][0] if out["characters"] else "",
+                   "score": f"{out['best_character'][1]:.6f}", "model": out["model"],
+                   "abstained": "1" if out["abstained"] else "0"}
+        done = await self._redis("complete", upload, self.queue.complete, upload, post_id, result_fields(out), summary)
+        if done is None:
+            return
+        self.metrics.STAGE_SECONDS.labels("write_back").observe(time.perf_counter() - t0)
+        self._finished(upload.entry_id, "tagged" if done else "duplicate")
+        if done:
+            self.metrics.CHARACTER_CONFIDENCE.observe(out["best_character"][1])
+            if out["abstained"]:
+                self.metrics.ABSTAINED.inc()
+
+    async def _dead(self, upload, reason: str, detail: str) -> None:
+        done = await self._redis("dead_letter", upload, self.queue.dead_letter, upload, reason, detail)
+        if done is None:
+            return
+        if done:
+            self.metrics.DEAD_LETTERS.labels(reason).inc()
+            log.info("upload %s dead-lettered: %s %s", upload.entry_id, reason, detail[:200])
+        self._finished(upload.entry_id, "dead_letter" if done else "duplicate")
+
+    async def _redis(self, op: str, upload, fn, *args) -> Any:
+        """A final write, retried while Redis is away (restarting) for up to REDIS_WRITE_PATIENCE_S (the
+        scripts are idempotent, so a retry after a lost reply cannot write twice). A script that fails
+        (Redis answered an error) is counted and logged; the upload stays pending. None: not written."""
+        import redis
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        deadline = time.monotonic() + REDIS_WRITE_PATIENCE_S
+        delay = 0.1
+        while True:
+            try:
+                return await fn(*args)
+            except redis.ResponseError as e:
+                self.metrics.REDIS_ERRORS.labels(op).inc()
+                log.error("upload %s: Redis refused the %s script: %s", upload.entry_id, op, str(e)[:300])
+                await self._leave(upload, "internal_error", f"{op}: {str(e)[:200]}")
+                return None
+            except (ConnectionError, TimeoutError, OSError):
+                if time.monotonic() > deadline:
+                    await self._leave(upload, "redis_error", f"{op} not written")
+                    return None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _leave(self, upload, reason: str, detail: str) -> None:
+        """Leave the upload pending for another delivery, recording why (best effort: Redis may be away)."""
+        self.metrics.RETRIES.labels(reason).inc()
+        self.counts["retry"] = self.counts.get("retry", 0) + 1
+        log.warning("upload %s left pending for another delivery: %s %s", upload.entry_id, reason, detail[:300])
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.queue.record_attempt(upload.entry_id, reason), 5.0)
+
+    def _finished(self, entry_id: str, outcome: str) -> None:
+        from ingest.queue import entry_ms
+
+        self.metrics.UPLOADS.labels(outcome).inc()
+        self.metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - entry_ms(entry_id) / 1000))
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+    # -- Serve hooks ------------------------------------------------------------------------------------
+    def status(self) -> dict:
+        return {"consumer": self.name, "in_flight": len(self.tasks), "held_bytes": self.held_bytes,
+                "counts": dict(self.counts), "running": not self.loop_task.done(),
+                "redis": self.redis_problem or "ok"}
+
+    def check_health(self) -> None:
+        if self.loop_task.done() and not self.stopping.is_set():
+            exc = self.loop_task.exception()
+            raise RuntimeError(f"consumer loop stopped: {exc!r}")
+
+    async def __del__(self) -> None:
+        self.stopping.set()
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self.loop_task), timeout=25.0)
+        await self.client.aclose()
+        self.metrics.process_exiting()

@@ -1,0 +1,307 @@
+"""The upload protocol's promise under hostile entries and operator mistakes, against a real redis-server:
+every script checks before it writes and acknowledges last, so an upload is never acknowledged without its
+result or dead letter; entries are read under a byte budget; reclaims continue their scan; uploads deleted
+while pending, delivered too often or too large end as dead letters with a reason; trimming keeps whatever
+a group still needs; credentials and eviction policies are checked at start-up."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from ingest.queue import (
+    AsyncUploadQueue,
+    Keys,
+    RedisSetupError,
+    check_server,
+    connect,
+    enqueue,
+    read_result,
+    redact,
+    result_fields,
+    without_password,
+)
+from ray_jobs.local_redis import RedisServer
+
+pytestmark = pytest.mark.integration
+PRED = {"characters": [["miku", 0.9]], "tags": {"solo": 0.8}, "model": "abc", "abstained": False}
+MB = 1 << 20
+
+
+def run(redis_url: str, scenario, **queue_kw):
+    """Run ``scenario(queue, sync_client)`` on a fresh consumer queue (group g, consumer a)."""
+
+    async def main():
+        client = connect(redis_url, asyncio=True)
+        q = AsyncUploadQueue(client, Keys(), "g", "a", **queue_kw)
+        await q.ensure_group()
+        try:
+            return await scenario(q, redis.Redis.from_url(redis_url))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def pending(c: redis.Redis) -> int:
+    return c.xpending(Keys().uploads, "g")["pending"]
+
+
+def test_thousands_of_fields_and_no_image_end_as_one_capped_dead_letter(redis_server):
+    """Lua's unpack limit made the old dead-letter script fail after its XACK: acknowledged, then lost."""
+    keys = Keys()
+
+    async def scenario(q, c):
+        c.xadd(keys.uploads, {"post_id": "5", **{f"f{i}": "v" * 10 for i in range(5000)}})
+        [u] = (await q.read(10, MB)).uploads
+        assert len(u.fields) == 5001
+        assert await q.dead_letter(u, "missing_image", "neither image_uri nor image")
+        return c.xrange(keys.dead)
+
+    [(_, dead)] = run(redis_server.url, scenario)
+    c = redis.Redis(port=redis_server.port)
+    assert dead[b"reason"] == b"missing_image" and dead[b"post_id"] == b"5"
+    assert dead[b"omitted_fields"] == str(5000 - 32).encode() and len(dead) <= 5 + 32 + 1
+    assert pending(c) == 0
+
+
+def test_a_failing_script_writes_nothing_and_leaves_the_upload_pending(redis_server):
+    """An output key of the wrong type (an operator's SET on danmul:results) makes the script fail before its
+    first write: no half-written result, no acknowledgement; once fixed, the same upload completes."""
+    keys = Keys()
+
+    async def scenario(q, c):
+        enqueue(c, keys, 7, image=b"img")
+        [u] = (await q.read(10, MB)).uploads
+        c.set(keys.results, "not a stream")
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            await q.complete(u, 7, result_fields(PRED), {"character": "miku"})
+        state = (c.exists(keys.result(7)), pending(c))
+        c.delete(keys.results)
+        done = await q.complete(u, 7, result_fields(PRED), {"character": "miku"})
+        return state, done
+
+    (hash_written, still_pending), done = run(redis_server.url, scenario)
+    c = redis.Redis(port=redis_server.port)
+    assert (hash_written, still_pending) == (0, 1)
+    assert done == 1 and pending(c) == 0 and c.xlen(keys.results) == 1
+
+
+def test_an_older_upload_never_replaces_a_newer_result_of_the_same_post(redis_server):
+    keys = Keys()
+
+    async def scenario(q, c):
+        enqueue(c, keys, 9, image=b"old")
+        enqueue(c, keys, 9, image=b"new")
+        old, new = (await q.read(10, MB)).uploads
+        first = await q.complete(new, 9, result_fields({**PRED, "model": "new"}), {"character": "miku"})
+        second = await q.complete(old, 9, result_fields({**PRED, "model": "old"}), {"character": "miku"})
+        return new.entry_id, first, second
+
+    newest, first, second = run(redis_server.url, scenario)
+    c = redis.Redis(port=redis_server.port)
+    result = read_result(c, keys, 9)
+    assert (first, second) == (1, 2)
+    assert result["model"] == "new" and result["upload_id"] == newest
+    entries = [e for _, e in c.xrange(keys.results)]
+    assert len(entries) == 2 and entries[1][b"superseded"] == b"1" and pending(c) == 0
+
+
+def test_reads_stop_at_the_byte_budget_and_oversize_entries_are_dead_lettered_unread(redis_server):
+    keys = Keys()
+
+    async def scenario(q, c):
+        for i in range(6):
+            enqueue(c, keys, i, image=b"x" * 1000)
+        c.xadd(keys.uploads, {"post_id": "66", "image": b"y" * (3 * MB)})  # over max_entry_bytes
+        enqueue(c, keys, 7, image=b"x" * 1000)
+        first = await q.read(count=64, budget_bytes=2500)  # a budget for ~2 entries: 3 at most (one past)
+        rest = await q.read(count=64, budget_bytes=10 * MB)
+        after = await q.read(count=64, budget_bytes=10 * MB)
+        return first, rest, after
+
+    first, rest, after = run(redis_server.url, scenario, max_entry_bytes=MB)
+    assert len(first.uploads) == 3 and not first.dead
+    # the oversize entry ends the read it is met in: its body never reaches the consumer
+    assert [u.fields["post_id"] for u in rest.uploads] == [b"3", b"4", b"5"]
+    assert [(d.reason, "3145" in d.detail) for d in rest.dead] == [("too_large", True)]
+    assert [u.fields["post_id"] for u in after.uploads] == [b"7"]
+    c = redis.Redis(port=redis_server.port)
+    [(_, dead)] = c.xrange(keys.dead)
+    assert dead[b"post_id"] == b"66" and dead[b"image_bytes"] == str(3 * MB).encode() and b"image" not in dead
+
+
+def test_reclaim_continues_its_scan_past_uploads_still_being_worked_on(redis_server):
+    """XAUTOCLAIM looks at ~10 pending entries per COUNT; the cursor is kept, so idle uploads behind a run
+    of busy ones are reached (restarting from 0-0 each time, they never were)."""
+    keys = Keys()
+
+    async def scenario(q, c):
+        ids = [enqueue(c, keys, i, image=b"x").decode() for i in range(30)]
+        await q.read(64, MB)  # all pending to consumer a, which dies
+        await asyncio.sleep(0.1)
+        c.xclaim(keys.uploads, "g", "busy", 0, ids[:20], justid=True)  # 20 taken over and being worked on
+        first = await q.reclaim(min_idle_ms=50, count=3, budget_bytes=MB, max_deliveries=5)
+        second = await q.reclaim(min_idle_ms=50, count=1, budget_bytes=MB, max_deliveries=5)
+        return ids, first, second
+
+    ids, first, second = run(redis_server.url, scenario)
+    assert [u.entry_id for u in first.uploads] == [ids[20]] and [u.entry_id for u in second.uploads] == [ids[21]]
+    assert first.uploads[0].deliveries == 2
+
+
+def test_reclaim_ends_exhausted_deleted_and_oversize_uploads_by_id(redis_server):
+    """An entry delivered max_deliveries times is dead-lettered by id, unread, with the reason its
+    deliveries failed (poison when nothing recorded one: its consumer or replica died each time); an entry
+    deleted while pending becomes a `deleted` dead letter instead of vanishing."""
+    keys = Keys()
+
+    async def scenario(q, c):
+        ids = [enqueue(c, keys, i, image=b"x" * 100).decode() for i in range(6)]
+        c.xadd(keys.uploads, {"post_id": "6", "image": b"y" * (2 * MB)})  # too large for this consumer
+        ids.append(c.xrange(keys.uploads, count=7)[-1][0].decode())
+        q.max_entry_bytes = 3 * MB
+        await q.read(64, 10 * MB)  # all 7 pending to a consumer that then dies
+        q.max_entry_bytes = MB  # (a consumer with a smaller limit reclaims them)
+        c.xdel(keys.uploads, ids[1])  # an operator deletes one while it is pending
+        for _ in range(4):  # deliveries 2..5 for ids[2..4] (each XCLAIM counts one)
+            c.xclaim(keys.uploads, "g", "other", 0, [ids[2], ids[3], ids[4]])
+        await q.record_attempt(ids[3], "fetch_error")
+        await q.record_attempt(ids[4], "internal_error")
+        await asyncio.sleep(0.02)
+        return ids, await q.reclaim(min_idle_ms=10, count=64, budget_bytes=MB, max_deliveries=5)
+
+    ids, got = run(redis_server.url, scenario)
+    c = redis.Redis(port=redis_server.port)
+    assert [u.entry_id for u in got.uploads] == [ids[0], ids[5]] and all(u.deliveries == 2 for u in got.uploads)
+    dead = {d.entry_id: d.reason for d in got.dead}
+    assert dead == {ids[1]: "deleted", ids[2]: "poison", ids[3]: "max_deliveries", ids[4]: "internal_error",
+                    ids[6]: "too_large"}
+    stored = {e[b"upload_id"].decode(): e for _, e in c.xrange(keys.dead)}
+    assert stored[ids[3]][b"detail"].endswith(b"last: fetch_error") and stored[ids[2]][b"attempts"] == b"5"
+    assert stored[ids[2]][b"post_id"] == b"2" and stored[ids[2]][b"image"] == b"x" * 100
+    assert stored[ids[6]][b"image_bytes"] == str(2 * MB).encode()
+    assert pending(c) == 2 and c.hlen(keys.attempts) == 0  # the 2 reclaimed ones, now ours
+
+
+def test_trimming_keeps_every_undelivered_and_pending_upload(redis_server):
+    keys = Keys()
+
+    async def scenario(q, c):
+        ids = [enqueue(c, keys, i, image=b"x") for i in range(300)]
+        delivered = (await q.read(200, MB)).uploads  # 200 delivered, 100 never read (lag)
+        for u in delivered[:150]:
+            await q.complete(u, int(u.fields["post_id"]), result_fields(PRED), {})
+        # 150 acknowledged, 50 pending (entries 150..199), 100 undelivered; and one old pending entry:
+        await q.dead_letter(delivered[160], "test")
+        kept_for_an_hour = await q.trim(keep_s=3600)
+        trimmed = await q.trim(keep_s=0)
+        again = await q.trim(keep_s=0)
+        return ids, kept_for_an_hour, trimmed, again
+
+    ids, kept, trimmed, again = run(redis_server.url, scenario)
+    c = redis.Redis(port=redis_server.port)
+    left = [eid for eid, _ in c.xrange(keys.uploads)]
+    assert kept == 0 and trimmed == 150 and again == 0
+    assert left == ids[150:]  # the oldest pending one (150) and everything after it
+    assert pending(c) == 49 and c.xinfo_groups(keys.uploads)[0]["lag"] == 100
+
+
+def test_a_second_group_on_the_stream_is_respected_by_trimming(redis_server):
+    keys = Keys()
+
+    async def scenario(q, c):
+        for i in range(10):
+            enqueue(c, keys, i, image=b"x")
+        c.xgroup_create(keys.uploads, "audit", id="0")  # a platform's own reader, behind ours
+        for u in (await q.read(64, MB)).uploads:
+            await q.complete(u, int(u.fields["post_id"]), result_fields(PRED), {})
+        return await q.trim(keep_s=0)
+
+    trimmed = run(redis_server.url, scenario)
+    assert trimmed == 0 and redis.Redis(port=redis_server.port).xlen(keys.uploads) == 10
+
+
+def test_producer_helper_refuses_an_inline_image_over_the_limit(redis_server):
+    c = redis.Redis(port=redis_server.port)
+    with pytest.raises(ValueError, match="image_uri"):
+        enqueue(c, Keys(), 1, image=b"x" * 101, max_image_bytes=100)
+    assert c.exists(Keys().uploads) == 0
+
+
+# -- credentials and server checks -----------------------------------------------------------------------
+@pytest.fixture
+def acl_redis(tmp_path):
+    server = RedisServer(str(tmp_path), args=["--user", "default", "off", "--user", "danmul", "on", ">s3cret",
+                                              "~danmul:*", "&*", "+@all"], username="danmul", password="s3cret")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_password_from_the_environment_works_with_a_user_in_the_url(acl_redis, monkeypatch):
+    url = f"redis://danmul@127.0.0.1:{acl_redis.port}/0"
+    monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+    client = connect(url)
+    assert check_server(client, Keys()) == [] and client.ping()
+    monkeypatch.delenv("REDIS_PASSWORD")
+    monkeypatch.setenv("REDIS_USERNAME", "danmul")
+    monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+    assert connect(f"redis://127.0.0.1:{acl_redis.port}/0").ping()  # both from the environment
+    monkeypatch.setenv("REDIS_PASSWORD", "wrong")
+    with pytest.raises(RedisSetupError, match="refused the credentials"):
+        check_server(connect(url, retries=0), Keys())
+    monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+    with pytest.raises(RedisSetupError, match="may not use danmul's keys"):  # the ACL allows danmul:* only
+        check_server(connect(url), Keys("other:"))
+
+
+def test_an_evicting_redis_is_refused_unless_allowed(tmp_path):
+    with RedisServer(str(tmp_path), args=["--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru"]) as server:
+        client = connect(server.url)
+        with pytest.raises(RedisSetupError, match="allkeys-lru"):
+            check_server(client, Keys())
+        [warning] = check_server(client, Keys(), allow_eviction=True)
+        assert "evict" in warning
+
+
+def test_cluster_prefix_needs_a_hash_tag(redis_server):
+    with pytest.raises(RedisSetupError, match="hash tag"):
+        check_server(connect(redis_server.url), Keys("danmul:"), cluster=True)
+    assert Keys("{danmul}:").hash_tag == "danmul" and Keys("danmul:").hash_tag is None
+
+
+def test_redact_and_config_urls_hide_every_form_of_password():
+    cases = {
+        "rediss://user:s3cret@redis.example:6380/0": "rediss://user:***@redis.example:6380/0",
+        "redis://:s3cret@h/0": "redis://:***@h/0",
+        "redis://h:6379/0?password=s3cret&db=1": "redis://h:6379/0?password=***&db=1",
+        "redis://u@h/0?username=u&Password=x": "redis://u@h/0?username=u&Password=***",
+        "redis://127.0.0.1:6379/0": "redis://127.0.0.1:6379/0",
+    }
+    for url, shown in cases.items():
+        assert redact(url) == shown
+        assert "s3cret" not in without_password(url) and "***" not in without_password(url)
+    assert without_password("rediss://danmul:s3cret@h:6380/0?password=x&ssl_cert_reqs=required") == \
+        "rediss://danmul@h:6380/0?ssl_cert_reqs=required"
+
+
+
+def test_uploads_being_worked_on_are_touched_so_they_are_not_reclaimed(redis_server):
+    keys = Keys()
+
+    async def scenario(q, c):
+        enqueue(c, keys, 1, image=b"x")
+        enqueue(c, keys, 2, image=b"x")
+        slow, stale = (await q.read(64, MB)).uploads
+        other = AsyncUploadQueue(q.client, keys, "g", "b")
+        await asyncio.sleep(0.1)
+        touched = await q.touch([slow.entry_id])
+        got = await other.reclaim(min_idle_ms=50, count=64, budget_bytes=MB, max_deliveries=5)
+        late = await q.touch([stale.entry_id])  # b owns it now: a's heartbeat must not take it back
+        return touched, [u.entry_id for u in got.uploads], stale.entry_id, late
+
+    touched, reclaimed, stale, late = run(redis_server.url, scenario)
+    assert touched == 1 and reclaimed == [stale] and late == 0
