@@ -72,13 +72,3 @@ class DatasetInfo:
         d = asdict(self)
         d["tag_vocab_size"] = self.tag_vocab_size
         return json.dumps(d, indent=1, sort_keys=False)
-
-    @classmethod
-    def from_json(cls, text: str) -> DatasetInfo:
-        d = json.loads(text)
-        d.pop("tag_vocab_size", None)
-        if d.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(f"dataset.json format {d['format_version']} is newer than this danmul")
-        d["filters"] = [FilterStep(**f) for f in d.get("filters", [])]
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})

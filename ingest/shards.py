@@ -6,16 +6,20 @@ through :class:`DatasetWriter`, so every later stage reads either the same way.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ingest.schema import DATASET_JSON, SHARD_SCHEMA, SPLITS, DatasetInfo, FilterStep, shard_name
+from ingest.schema import DATASET_JSON, FORMAT_VERSION, SHARD_SCHEMA, SPLITS, DatasetInfo, FilterStep, shard_name
 from ingest.storage import Storage
 
 DEFAULT_SHARD_MB = 256  # bytes of images per shard file, before Parquet overhead
@@ -231,20 +235,288 @@ def _by_frequency(counts: Counter[str]) -> list[str]:
 
 # -- reading ---------------------------------------------------------------------------------------
 
+# What DESIGN.md ("Dan:mul shards") promises every dataset.json holds, with a hint for the error message.
+# A dataset made by another tool may hold only these: load_info derives the rest from the shards.
+CONTRACT_FIELDS = {
+    "characters": "the list of character tags, index = class id",
+    "tags": "the list of general tags, index = tag id",
+    "num_images": "the number of images",
+    "num_characters": "the number of characters (classes)",
+    "avg_tags_per_image": "the mean number of general tags per image",
+    "splits": 'images per split, e.g. {"train": 900, "val": 50, "test": 50}',
+    "filters": 'the filters applied with what each removed, e.g. [{"name": "min_images", "removed_posts": 12}]',
+}
+SHARD_PATTERN = "part-*.parquet"  # a split's shards, when dataset.json does not list them
+
 
 def load_info(data: Storage | str) -> DatasetInfo:
+    """``dataset.json``, checked field by field, with what a dataset made by another tool may leave out
+    derived from its shards: the shard lists by listing ``{split}/part-*.parquet``, missing per-split counts
+    from the shards' row counts, and ``character_counts``, ``tag_counts`` and ``copyrights`` from one pass
+    over the shards' ``character``, ``tags`` and ``copyright`` columns (the images are not read).
+
+    Raises FileNotFoundError without ``dataset.json``, and ValueError naming the file and the field when a
+    field is missing, of the wrong type, negative, or disagrees with the shards or the other fields.
+    """
     storage = data if isinstance(data, Storage) else Storage(data)
+    return _read_info(storage, derive_counts=True)
+
+
+def _read_info(storage: Storage, derive_counts: bool) -> DatasetInfo:
     if not storage.exists(DATASET_JSON):
         raise FileNotFoundError(f"{storage.uri} has no {DATASET_JSON}: not a Dan:mul dataset, or incomplete")
-    return DatasetInfo.from_json(storage.read_text(DATASET_JSON))
+    where = storage.uri_of(DATASET_JSON)
+    try:
+        d = json.loads(storage.read_bytes(DATASET_JSON))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must hold a JSON object, not {_kind(d)}")
+    return _InfoReader(storage, where, d).read(derive_counts)
+
+
+def _kind(v: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _InfoReader:
+    """Checks one parsed ``dataset.json`` and fills in what it may leave out."""
+
+    def __init__(self, storage: Storage, where: str, d: dict):
+        self.storage, self.where, self.d = storage, where, d
+
+    def fail(self, field: str, problem: str) -> NoReturn:
+        raise ValueError(f"{self.where}: field {field!r} {problem}")
+
+    def require(self, name: str) -> object:
+        if name not in self.d:
+            raise ValueError(f"{self.where}: missing field {name!r} ({CONTRACT_FIELDS[name]})")
+        return self.d[name]
+
+    # -- types ------------------------------------------------------------------------------------
+    def names(self, field: str, v: object, unique: bool = True) -> list[str]:
+        if not isinstance(v, list):
+            self.fail(field, f"must be a list of strings, not {_kind(v)}")
+        seen: dict[str, int] = {}
+        for i, x in enumerate(v):
+            if not isinstance(x, str) or not x:
+                self.fail(field, f"must be a list of non-empty strings; item {i} is {_kind(x) if x != '' else 'empty'}")
+            if unique and x in seen:
+                self.fail(field, f"lists {x!r} twice (items {seen[x]} and {i})")
+            seen[x] = i
+        return list(v)
+
+    def count(self, field: str, v: object) -> int:
+        if not _is_int(v):
+            self.fail(field, f"must be a whole number, not {_kind(v)}")
+        if v < 0:
+            self.fail(field, f"must not be negative, got {v}")
+        return v
+
+    def counts(self, field: str, v: object, length: int, aligned_with: str) -> list[int]:
+        if not isinstance(v, list):
+            self.fail(field, f"must be a list of whole numbers, not {_kind(v)}")
+        if len(v) != length:
+            self.fail(field, f"has {len(v)} entries but {aligned_with!r} has {length}")
+        return [self.count(f"{field}[{i}]", x) for i, x in enumerate(v)]
+
+    def obj(self, field: str, v: object) -> dict:
+        if not isinstance(v, dict):
+            self.fail(field, f"must be an object, not {_kind(v)}")
+        return v
+
+    def text(self, field: str, v: object) -> str:
+        if not isinstance(v, str):
+            self.fail(field, f"must be a string, not {_kind(v)}")
+        return v
+
+    def filter_step(self, i: int, v: object) -> FilterStep:
+        field = f"filters[{i}]"
+        f = self.obj(field, v)
+        if "name" not in f or "removed_posts" not in f:
+            self.fail(field, "needs at least 'name' and 'removed_posts' (the posts it removed)")
+        detail = self.obj(f"{field}.detail", f.get("detail", {}))
+        return FilterStep(
+            name=self.text(f"{field}.name", f["name"]),
+            description=self.text(f"{field}.description", f.get("description", "")),
+            removed_posts=self.count(f"{field}.removed_posts", f["removed_posts"]),
+            removed_classes=self.count(f"{field}.removed_classes", f.get("removed_classes", 0)),
+            detail={k: self.count(f"{field}.detail.{k}", n) for k, n in detail.items()},
+            examples=self.names(f"{field}.examples", f.get("examples", []), unique=False),
+        )
+
+    def shard_lists(self, v: object) -> dict[str, list[str]]:
+        """Shard paths must stay inside their split's folder of this dataset."""
+        shards = self.obj("shards", v)
+        for split, paths in shards.items():
+            if split not in SPLITS:
+                self.fail("shards", f"names an unknown split {split!r} (expected {', '.join(SPLITS)})")
+            for p in self.names(f"shards.{split}", paths):
+                parts = p.split("/")
+                if (len(parts) < 2 or parts[0] != split or not p.endswith(".parquet") or "\\" in p
+                        or any(part in ("", ".", "..") for part in parts)):
+                    self.fail(f"shards.{split}", f"holds {p!r}: expected a relative path {split}/NAME.parquet")
+        return {s: list(shards.get(s) or ()) for s in SPLITS}
+
+    # -- the whole file -----------------------------------------------------------------------------
+    def read(self, derive_counts: bool) -> DatasetInfo:
+        d = self.d
+        version = d.get("format_version", FORMAT_VERSION)
+        if not _is_int(version) or version < 1:
+            self.fail("format_version", f"must be a positive whole number, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{self.where}: format {version} is newer than this danmul reads ({FORMAT_VERSION})")
+        for name in CONTRACT_FIELDS:
+            self.require(name)
+        characters = self.names("characters", d["characters"])
+        tags = self.names("tags", d["tags"])
+        num_images = self.count("num_images", d["num_images"])
+        num_characters = self.count("num_characters", d["num_characters"])
+        if num_characters != len(characters):
+            self.fail("num_characters", f"is {num_characters} but 'characters' lists {len(characters)}")
+        avg = d["avg_tags_per_image"]
+        if not isinstance(avg, int | float) or isinstance(avg, bool) or not math.isfinite(avg) or avg < 0:
+            self.fail("avg_tags_per_image", f"must be a non-negative number, got {avg!r}")
+        if "tag_vocab_size" in d and d["tag_vocab_size"] != len(tags):
+            self.fail("tag_vocab_size", f"is {d['tag_vocab_size']!r} but 'tags' lists {len(tags)}")
+        filters_v = d["filters"]
+        if not isinstance(filters_v, list):
+            self.fail("filters", f"must be a list of objects, not {_kind(filters_v)}")
+        filters = [self.filter_step(i, f) for i, f in enumerate(filters_v)]
+        split_v = self.obj("splits", d["splits"])
+        for s in split_v:
+            if s not in SPLITS:
+                self.fail("splits", f"names an unknown split {s!r} (expected {', '.join(SPLITS)})")
+        given = {s: self.count(f"splits.{s}", n) for s, n in split_v.items()}
+
+        # a split the file does not list (or lists as [], as danmul does for an empty split) is found by
+        # listing, as iter_examples would read it
+        listed = self.shard_lists(d["shards"]) if "shards" in d else {}
+        shards = {s: listed.get(s) or _list_shards(self.storage, s) for s in SPLITS}
+        splits = {s: given[s] if s in given else self._rows(shards[s]) for s in SPLITS}
+        if sum(splits.values()) != num_images:
+            self.fail("splits", f"add up to {sum(splits.values())} images but 'num_images' is {num_images}")
+
+        character_counts = (self.counts("character_counts", d["character_counts"], len(characters), "characters")
+                            if "character_counts" in d else None)
+        if character_counts is not None and sum(character_counts) != num_images:
+            self.fail("character_counts", f"add up to {sum(character_counts)} but 'num_images' is {num_images}")
+        tag_counts = self.counts("tag_counts", d["tag_counts"], len(tags), "tags") if "tag_counts" in d else None
+        copyrights = self.names("copyrights", d["copyrights"]) if "copyrights" in d else None
+        if derive_counts and (character_counts is None or tag_counts is None or copyrights is None):
+            derived = self._scan(shards, characters, tags, splits)
+            character_counts = derived[0] if character_counts is None else character_counts
+            tag_counts = derived[1] if tag_counts is None else tag_counts
+            copyrights = derived[2] if copyrights is None else copyrights
+
+        return DatasetInfo(
+            source=self.text("source", d.get("source", "unknown")),
+            characters=characters,
+            tags=tags,
+            num_images=num_images,
+            num_characters=num_characters,
+            avg_tags_per_image=avg,
+            splits=splits,
+            character_counts=character_counts or [],
+            tag_counts=tag_counts or [],
+            copyrights=copyrights or [],
+            filters=filters,
+            shards=shards,
+            config=self.obj("config", d.get("config", {})),
+            format_version=version,
+        )
+
+    # -- from the shards ------------------------------------------------------------------------------
+    def _open(self, rel: str) -> pq.ParquetFile:
+        try:
+            pf = self.storage.parquet_file(rel)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise ValueError(f"{self.storage.uri_of(rel)} (listed for {self.where}) cannot be read: {e}") from None
+        schema = pf.schema_arrow
+        missing = [c for c in SHARD_SCHEMA.names if c not in schema.names]
+        if missing:
+            raise ValueError(f"{self.storage.uri_of(rel)} lacks the column(s) {', '.join(missing)} of a Dan:mul shard "
+                             f"({', '.join(SHARD_SCHEMA.names)})")
+        for name, ok in _COLUMN_TYPES.items():
+            if not ok(schema.field(name).type):
+                raise ValueError(f"{self.storage.uri_of(rel)}: column {name!r} is {schema.field(name).type}, expected "
+                                 f"{SHARD_SCHEMA.field(name).type}")
+        return pf
+
+    def _rows(self, rels: list[str]) -> int:
+        return sum(self._open(rel).metadata.num_rows for rel in rels)
+
+    def _scan(self, shards: dict[str, list[str]], characters: list[str], tags: list[str],
+              splits: dict[str, int]) -> tuple[list[int], list[int], list[str]]:
+        """Images per class, posts per tag and copyrights by frequency, from the shards' label columns, one
+        row group at a time; the split sizes and the class list are checked against what the shards hold."""
+        known = set(characters)
+        chars: Counter[str] = Counter()
+        tag_n: Counter[str] = Counter()
+        copy_n: Counter[str] = Counter()
+        for split in SPLITS:
+            rows = 0
+            for rel in shards[split]:
+                pf = self._open(rel)
+                for i in range(pf.num_row_groups):
+                    t = pf.read_row_group(i, columns=["character", "tags", "copyright"])
+                    rows += t.num_rows
+                    chars.update(_value_counts(t["character"]))
+                    tag_n.update(_value_counts(pc.list_flatten(t["tags"])))
+                    copy_n.update(_value_counts(pc.list_flatten(t["copyright"])))
+                if None in chars:
+                    raise ValueError(f"{self.storage.uri_of(rel)} holds a row without a character")
+                unknown = sorted(c for c in chars if c not in known)
+                if unknown:
+                    self.fail("characters", f"lacks {unknown[0]!r}, which {self.storage.uri_of(rel)} holds")
+            if rows != splits[split]:
+                self.fail("splits", f"gives {split} {splits[split]} images but its shards hold {rows}")
+        copy_n.pop(None, None)  # a null inside a copyright list names nothing
+        return [chars[c] for c in characters], [tag_n[t] for t in tags], _by_frequency(copy_n)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_text_list(t: pa.DataType) -> bool:  # list<null>: what pyarrow infers for lists that are all empty
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and (_is_text(t.value_type)
+                                                                   or pa.types.is_null(t.value_type))
+
+
+# the contract's column types, up to the large_* and all-null variants another writer may produce
+_COLUMN_TYPES = {
+    "post_id": pa.types.is_integer,
+    "image": lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+    "character": _is_text,
+    "tags": _is_text_list,
+    "copyright": _is_text_list,
+    "rating": lambda t: _is_text(t) or pa.types.is_null(t),
+}
+
+
+def _value_counts(arr: pa.Array | pa.ChunkedArray) -> dict:
+    vc = pc.value_counts(arr)
+    return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist(), strict=True))
+
+
+def _list_shards(storage: Storage, split: str) -> list[str]:
+    """A split's shards by listing: ``{split}/part-*.parquet``, in name order."""
+    return [f"{split}/{e.path}" for e in storage.list(split, recursive=False)
+            if fnmatch.fnmatchcase(e.path, SHARD_PATTERN)]
 
 
 def shard_paths(data: Storage, split: str) -> list[str]:
     """Relative paths of one split's shards (from ``dataset.json``, else by listing)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    info = load_info(data)
-    return info.shards.get(split) or [f"{split}/{e.path}" for e in data.list(split, suffixes=(".parquet",))]
+    info = _read_info(data, derive_counts=False)  # the shard lists only: no pass over the shards
+    return info.shards.get(split) or _list_shards(data, split)
 
 
 def iter_examples(data: Storage, split: str, columns: list[str] | None = None) -> Iterator[dict]:

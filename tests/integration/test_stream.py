@@ -135,7 +135,8 @@ def test_500_uploads_with_bad_ones_give_one_outcome_each(ray_cluster, tiny_check
     expected_dead = Counter(r for r, _ in bad) + Counter({"missing_post_id": 5})
     assert sum(expected_dead.values()) == 50
 
-    s = settings(tiny_checkpoint, server.url, local_roots=str(root), consumers=1, max_in_flight=32)
+    s = settings(tiny_checkpoint, server.url, local_roots=str(root), allowed_buckets=bucket, consumers=1,
+                 max_in_flight=32)
     with running(s):
         wait_for(c, 500)
         assert_exactly_once(c, set(good), dead=50)
