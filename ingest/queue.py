@@ -306,7 +306,7 @@ return n
 """
 
 # Retention: trim acknowledged uploads older than keep_ms, and never an entry at or above the oldest one any
-# group still needs (its last-delivered id, or its oldest pending entry). KEYS: uploads. ARGV: keep_ms.
+# group still needs (the first after its last-delivered id, or its oldest pending entry). KEYS: uploads. ARGV: keep_ms.
 # Returns the number of entries trimmed.
 _TRIM_LUA = _LUA_COMMON + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -314,7 +314,8 @@ local floor = nil
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local info = {}
   for i = 1, #g - 1, 2 do info[g[i]] = g[i + 1] end
-  local need = info['last-delivered-id']
+  local ms, seq = parse_id(info['last-delivered-id'])
+  local need = string.format('%s-%d', ms, tonumber(seq) + 1)  -- everything up to the last delivered one
   local p = redis.call('XPENDING', KEYS[1], info['name'])
   if p[1] > 0 and id_lt(p[2], need) then need = p[2] end
   if floor == nil or id_lt(need, floor) then floor = need end

@@ -1,0 +1,222 @@
+"""Hostile uploads through the real streaming tagger (redis-server, Ray Serve on CPU, a tiny model): the
+images and entries an attacker would pick, batched together with good uploads. Every good upload ends in
+exactly one result; every hostile one in exactly one result or one dead letter with a known reason; no
+model replica dies; nothing stays pending; the tagger trims what it acknowledged. And an image that does
+take its model replica down each time (a test double that crashes on it) ends as a `poison` dead letter
+while the uploads batched with it are tagged."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+
+import pytest
+import redis
+from hostile_images import corpus
+
+from ingest.queue import Keys, enqueue, read_result
+from ray_jobs.local_redis import RedisServer, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+MB = 1 << 20
+UPLOAD_REASONS = {"missing_post_id", "bad_post_id", "missing_image", "bad_tags", "bad_image_uri", "not_found",
+                  "forbidden_path", "forbidden_bucket", "forbidden_address", "unsupported_uri", "too_large",
+                  "max_deliveries", "poison", "internal_error", "deleted", "bad_request", "model_error"}
+
+
+def known_reasons() -> set[str]:
+    from model.preprocess import REASONS
+
+    return UPLOAD_REASONS | set(REASONS)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory):
+    with RedisServer(str(tmp_path_factory.mktemp("redis"))) as server:
+        yield server
+
+
+def replicas(deployment: str) -> set[str]:
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]}
+
+
+def outcomes(c: redis.Redis, keys: Keys) -> tuple[Counter, dict[str, bytes]]:
+    """How many results each upload id got, and the reason of each dead-lettered upload id."""
+    results = Counter(e[b"upload_id"].decode() for _, e in c.xrange(keys.results))
+    dead: dict[str, bytes] = {}
+    for _, e in c.xrange(keys.dead):
+        uid = e[b"upload_id"].decode()
+        assert uid not in dead and uid not in results, f"{uid} ended twice"
+        dead[uid] = e[b"reason"]
+    return results, dead
+
+
+def wait_until_ended(c: redis.Redis, keys: Keys, ids: list[str], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        results, dead = outcomes(c, keys)
+        if all(i in results or i in dead for i in ids):
+            time.sleep(1.0)  # a duplicate would show up now
+            return
+        time.sleep(0.25)
+    results, dead = outcomes(c, keys)
+    missing = [i for i in ids if i not in results and i not in dead]
+    raise AssertionError(f"{len(missing)} of {len(ids)} uploads never ended, e.g. {missing[:3]}")
+
+
+def test_hostile_uploads_batched_with_good_ones(ray_cluster, module_redis, tiny_checkpoint, tiny_rows, tmp_path):
+    from deploy.app import deploy, undeploy
+    from deploy.settings import ServeSettings
+
+    keys = Keys("h:")
+    c = redis.Redis(port=module_redis.port)
+    root = tmp_path / "uploads"
+    root.mkdir()
+    expect: dict[str, str] = {}  # upload id -> "result" or the dead letter's reason
+    good: list[str] = []
+
+    def add(outcome: str, fields: dict) -> str:
+        eid = c.xadd(keys.uploads, fields).decode()
+        expect[eid] = outcome
+        return eid
+
+    def add_good(i: int) -> None:
+        row = tiny_rows[i % len(tiny_rows)]
+        fields = {"post_id": str(1000 + i), "image": row["image"]}
+        if i % 2:
+            fields["tags"] = " ".join(row["tags"])
+        good.append(add("result", fields))
+
+    # An upload another reader of the group took and dropped, deleted by hand while pending (below).
+    ghost = add("deleted", {"post_id": "7001", "image": tiny_rows[0]["image"]})
+    c.xgroup_create(keys.uploads, "danmul-taggers", id="0")
+    assert c.xreadgroup("danmul-taggers", "ghost", {keys.uploads: ">"}, count=1)[0][1][0][0].decode() == ghost
+    # A group of images the way a platform would see them: good ones all around the hostile ones.
+    for i in range(40):
+        add_good(i)
+    for n, (name, (data, expected)) in enumerate(corpus().items()):
+        outcome = "result" if expected == "ok" else expected if data else "missing_image"  # b"": no image at all
+        add(outcome, {"post_id": str(5000 + n), "image": data, "name": name})
+        add_good(100 + n)
+    image = tiny_rows[0]["image"]
+    many = {f"field{i}": f"value{i}" for i in range(5000)}
+    add("result", {"post_id": "6001", "image": image, **many})  # thousands of fields around a good image
+    add("missing_image", {"post_id": "6002", **many})  # ... or around nothing: a capped dead letter
+    add("too_large", {"post_id": "6003", "image": b"\xff" * (50 * MB)})  # a 50 MB entry: dead-lettered unread
+    add("bad_post_id", {"post_id": "9" * 100_000, "image": image})
+    add("missing_post_id", {"image": image, b"\xff\xfe": b"\x00" * 10})
+    add("bad_tags", {"post_id": "6005", "image": image, "tags": "tag " * 20_000})
+    add("bad_tags", {"post_id": "6006", "image": image, "tags": b"\xff\xfe\xfd"})
+    add("result", {"post_id": "6007", "image": image, "reason": "fake", "upload_id": "0-1", "detail": "x"})
+    add("forbidden_bucket", {"post_id": "6008", "image_uri": "s3://someone-elses-bucket/secret.jpg"})
+    add("unsupported_uri", {"post_id": "6009", "image_uri": "http://169.254.169.254/latest/meta-data/"})
+    add("forbidden_path", {"post_id": "6010", "image_uri": "/etc/passwd"})
+    add("forbidden_path", {"post_id": "6011", "image_uri": f"{root}/../../etc/passwd"})
+    (root / "6012.jpg").write_bytes(image)
+    add("result", {"post_id": "6012", "image_uri": f"file://{root}/6012.jpg"})
+    for i in range(20):
+        add_good(200 + i)
+    # the same post twice: the result hash keeps the newer upload's result
+    older = add("result", {"post_id": "7000", "image": tiny_rows[1]["image"]})
+    newer = add("result", {"post_id": "7000", "image": tiny_rows[2]["image"]})
+
+    s = ServeSettings(checkpoint=tiny_checkpoint, redis=module_redis.url, prefix=keys.prefix, http_port=free_port(),
+                      metrics_port=free_port(), local_roots=str(root), max_in_flight=32, claim_idle_s=3,
+                      stream_retention_s=0, trim_interval_s=1, max_in_flight_bytes=64 * MB)  # fmt: skip
+    c.xdel(keys.uploads, ghost)
+    deploy(s)
+    try:
+        before = replicas("TaggerModel")
+        wait_until_ended(c, keys, list(expect))
+        results, dead = outcomes(c, keys)
+        for eid, outcome in expect.items():
+            got = "result" if eid in results else dead[eid].decode()
+            assert got == outcome, f"{eid} ({outcome}): got {got}"
+            assert results[eid] <= 1
+        assert set(d.decode() for d in dead.values()) <= known_reasons()
+        assert replicas("TaggerModel") == before  # no model replica died
+        assert read_result(c, keys, 7000)["upload_id"] == newer and older in results
+        [group] = [g for g in c.xinfo_groups(keys.uploads) if g["name"] == b"danmul-taggers"]
+        assert group["pending"] == 0 and group["lag"] == 0
+        [capped] = [e for _, e in c.xrange(keys.dead) if e[b"post_id"] == b"6002"]
+        assert len(capped) < 45 and int(capped[b"omitted_fields"]) > 4900
+        [unread] = [e for _, e in c.xrange(keys.dead) if e[b"post_id"] == b"6003"]
+        assert unread[b"image_bytes"] == str(50 * MB).encode()
+        deadline = time.monotonic() + 30  # the tagger trims what it acknowledged (retention 0 here)
+        while c.xlen(keys.uploads) > 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert c.xlen(keys.uploads) == 0
+    finally:
+        undeploy()
+
+
+# -- poison: an upload that takes its model replica down each time -----------------------------------------
+POISON = b"this upload crashes the model replica"
+
+
+def crashing_model():
+    """A model deployment that dies (os._exit, as an OOM kill would) on the poison bytes and answers the
+    rest like the real one: a test double for an image that kills replicas, used with the real consumer."""
+    from ray import serve
+
+    @serve.deployment(max_ongoing_requests=64)
+    class CrashOnPoison:
+        def __init__(self, checkpoint: str):
+            from model.tagger import Tagger
+
+            self.tagger = Tagger.from_checkpoint(checkpoint)
+
+        async def tag_many(self, images, tags, threshold=None, top_k=None):
+            if any(bytes(i) == POISON for i in images):
+                os._exit(1)
+            preds = self.tagger.predict(images, tags=tags)
+            return [{**p.to_dict(), "batch_size": len(images)} for p in preds]
+
+    return CrashOnPoison
+
+
+def test_an_upload_that_kills_its_replica_each_time_is_poison_and_its_batch_mates_are_tagged(
+        ray_cluster, module_redis, tiny_checkpoint, tiny_rows):  # fmt: skip
+    from ray import cloudpickle
+    from ray import serve
+
+    from deploy.consumer import UploadConsumer
+    from deploy.settings import ServeSettings
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    keys = Keys("p:")
+    c = redis.Redis(port=module_redis.port)
+    good = [enqueue(c, keys, i, image=tiny_rows[i % len(tiny_rows)]["image"]).decode() for i in range(30)]
+    poison = enqueue(c, keys, 999, image=POISON).decode()
+    good += [enqueue(c, keys, 100 + i, image=tiny_rows[i % len(tiny_rows)]["image"]).decode() for i in range(30)]
+    s = ServeSettings(checkpoint=tiny_checkpoint, redis=module_redis.url, prefix=keys.prefix, metrics_port=0,
+                      max_in_flight=16, max_batch_size=8, claim_idle_s=2, max_deliveries=3, model_timeout_s=60)
+    app = UploadConsumer.options(num_replicas=1, ray_actor_options={"num_cpus": 0.25}).bind(
+        crashing_model().options(ray_actor_options={"num_cpus": 0.5}).bind(tiny_checkpoint), asdict(s))
+    serve.run(app, name="poison", route_prefix=None)
+    try:
+        wait_until_ended(c, keys, [*good, poison], timeout=400)
+        results, dead = outcomes(c, keys)
+        assert dead == {poison: b"poison"}, dead
+        assert all(results[g] == 1 for g in good)
+        [entry] = [e for _, e in c.xrange(keys.dead)]
+        assert entry[b"attempts"] == b"3" and entry[b"post_id"] == b"999"
+        assert c.xpending(keys.uploads, "danmul-taggers")["pending"] == 0
+    finally:
+        serve.delete("poison")
