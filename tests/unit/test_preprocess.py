@@ -1,17 +1,44 @@
-"""Preprocessing of everything users upload: modes, sizes, letterboxing, and hostile input."""
+"""Preprocessing of everything users upload: modes, sizes, letterboxing, the aspect rule, and hostile
+input (the corpus of ``tests/hostile_images.py``, mutations of it, arbitrary bytes, peak memory)."""
 
 from __future__ import annotations
 
 import io
+import json
+import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from hostile_images import corpus, mutations, small_corpus
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import EpsImagePlugin, Image, ImageOps
 
-from model.preprocess import MAX_PIXELS, ImageError, Preprocessor, TrainAugment, decode, pad_to_square
+import model.preprocess as P
+from model.preprocess import (
+    MAX_ASPECT,
+    MAX_PIXELS,
+    PIXEL_FLOOR,
+    PIXELS_PER_BYTE,
+    REASONS,
+    ImageError,
+    Preprocessor,
+    TrainAugment,
+    aspect_box,
+    decode,
+    pad_to_square,
+    pixel_budget,
+    to_tensor,
+)
 
 MEAN = STD = (0.5, 0.5, 0.5)
+S = 64
+PRE = Preprocessor(S, MEAN, STD)
+CORPUS = corpus()
+SMALL = small_corpus()
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -22,6 +49,33 @@ def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 def white_after_normalize(t: torch.Tensor) -> bool:
     return torch.allclose(t, torch.ones_like(t), atol=0.02)  # (1 - 0.5) / 0.5
+
+
+def rgb_of(t: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) normalized with MEAN/STD -> (H, W, 3) in 0..255."""
+    return ((t * 0.5 + 0.5) * 255).permute(1, 2, 0)
+
+
+def near(t: torch.Tensor, colour: tuple[int, int, int], tol: float = 60) -> torch.Tensor:
+    """(H, W) mask of the pixels of ``t`` within ``tol`` (per channel) of ``colour``."""
+    return (rgb_of(t) - torch.tensor(colour, dtype=torch.float32)).abs().amax(-1) < tol
+
+
+def outcome(fn, data) -> str:
+    """The reason, or ``ok`` after checking the result; any other exception propagates (a failure)."""
+    try:
+        out = fn(data)
+    except ImageError as e:
+        assert e.reason in REASONS, e
+        return e.reason
+    if isinstance(out, torch.Tensor):
+        assert out.shape == (3, S, S) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    else:
+        assert out.mode == "RGB" and min(out.size) >= 1
+    return "ok"
+
+
+# -- modes and letterboxing (kept from before) ----------------------------------------------------------
 
 
 def test_rgba_is_composited_on_white():
@@ -44,20 +98,30 @@ def test_palette_with_transparency_and_greyscale_modes():
 
 
 def test_letterboxed_images_are_padded_not_stretched():
-    img = Image.new("RGB", (40, 10), (0, 0, 0))
+    img = Image.new("RGB", (40, 20), (0, 0, 0))  # aspect 2: no crop, padded above and below
     sq = pad_to_square(img)
     assert sq.size == (40, 40)
     assert sq.getpixel((20, 0)) == (255, 255, 255) and sq.getpixel((20, 20)) == (0, 0, 0)
     t = Preprocessor(32, MEAN, STD)(encode(img))
     assert t.shape == (3, 32, 32)
-    assert white_after_normalize(t[:, :4, :]) and white_after_normalize(t[:, -4:, :])  # white bars
-    assert torch.allclose(t[:, 16, 16], torch.full((3,), -1.0), atol=0.02)  # black content
+    assert white_after_normalize(t[:, :8, :]) and white_after_normalize(t[:, -8:, :])  # white bars
+    assert torch.allclose(t[:, 8:24, :], torch.full((3, 16, 32), -1.0), atol=0.02)  # black content, centred
 
 
-@pytest.mark.parametrize("size", [(1, 1), (3, 700), (2000, 1500)])
-def test_tiny_and_large_images(size):
+@pytest.mark.parametrize("size", [(8, 8), (8, 20), (20, 8), (2000, 1500)])
+def test_small_and_large_images(size):
     t = Preprocessor(32, MEAN, STD)(encode(Image.new("RGB", size, (10, 200, 30)), "PNG"))
     assert t.shape == (3, 32, 32) and torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (7, 7), (3, 700), (700, 3)])
+def test_images_under_eight_pixels_on_the_short_side_are_too_small(size):
+    # behaviour change: these used to be padded into a mostly white square
+    with pytest.raises(ImageError) as err:
+        Preprocessor(32, MEAN, STD)(encode(Image.new("RGB", size, (10, 200, 30)), "PNG"))
+    assert err.value.reason == "too_small"
+    with pytest.raises(ImageError):
+        Preprocessor(32, MEAN, STD)(Image.new("RGB", size))  # same rule for images handed in directly
 
 
 def test_decompression_bomb_is_refused_before_decoding():
@@ -99,3 +163,257 @@ def test_train_augment_is_separate_and_mild():
     # inference is deterministic
     p = Preprocessor(16, MEAN, STD)
     assert torch.equal(p(img), p(img))
+
+
+# -- the hostile corpus -----------------------------------------------------------------------------------
+
+
+def test_corpus_is_importable_and_well_formed():
+    assert set(REASONS) == {"empty", "too_large", "not_an_image", "decompression_bomb", "truncated", "too_small",
+                            "undecodable"}  # fmt: skip
+    assert all(isinstance(d, bytes) and exp in {"ok", *REASONS} for d, exp in CORPUS.values())
+    assert len(CORPUS["line_2x2000000.png"][0]) < 10_000  # 4 Mpx in a few KB
+    assert corpus() == CORPUS  # deterministic
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_corpus_item_gives_a_tensor_or_its_reason(name):
+    data, expected = CORPUS[name]
+    assert outcome(PRE, data) == expected  # inference
+    assert outcome(decode, data) == expected  # training decodes at full size: the same verdict
+
+
+def test_tall_strip_is_cropped_from_the_top():
+    for name in ("strip_600x40000.png", "strip_600x40000.jpg"):
+        t = PRE(CORPUS[name][0])
+        # the window is the top 600 x 1500, shrunk to 26 x 64 and centred: red band on top, no blue
+        assert near(t, (255, 0, 0))[:10, 28:36].all(), name
+        assert not near(t, (0, 0, 255)).any(), name
+        assert white_after_normalize(t[:, :, :18]) and white_after_normalize(t[:, :, -18:])
+        assert decode(CORPUS[name][0]).size == (600, 1500)
+
+
+def test_wide_image_is_cropped_at_the_centre():
+    t = PRE(CORPUS["wide_40000x600.png"][0])
+    green = near(t, (0, 255, 0))
+    assert green[24:40, 29:35].all() and not green[:, :26].any() and not green[:, 38:].any()
+    assert not near(t, (255, 0, 0)).any() and not near(t, (0, 0, 255)).any()
+    assert white_after_normalize(t[:, :18, :]) and white_after_normalize(t[:, -18:, :])
+    assert decode(CORPUS["wide_40000x600.png"][0]).size == (1500, 600)
+
+
+def test_aspect_rule():
+    assert aspect_box(600, 40_000) == (0, 0, 600, 1500)
+    assert aspect_box(40_000, 600) == (19_250, 0, 20_750, 600)
+    assert aspect_box(100, 250) == (0, 0, 100, 250) and aspect_box(251, 100) == (0, 0, 250, 100)
+    for w, h in [(8, 9999), (9999, 8), (300, 761), (1001, 77)]:
+        x0, y0, x1, y1 = aspect_box(w, h)
+        assert max(x1 - x0, y1 - y0) <= MAX_ASPECT * min(x1 - x0, y1 - y0) and min(x1 - x0, y1 - y0) == min(w, h)
+
+
+def test_exif_orientation_is_applied():
+    t = Preprocessor(120, MEAN, STD)(CORPUS["exif_rotated.jpg"][0])
+    # displayed 80 x 120, centred (x 20..100); the stored top-left red block is now at the top right
+    assert near(t, (255, 0, 0))[5:35, 65:95].all()
+    assert not near(t, (255, 0, 0))[:, :55].any() and not near(t, (255, 0, 0))[45:].any()
+    assert white_after_normalize(t[:, :, :18]) and white_after_normalize(t[:, :, -18:])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("size", [(30, 100), (100, 30), (40, 40)])
+def test_every_orientation_crops_the_displayed_image(orientation, size):
+    """decode == crop(aspect rule) of ImageOps.exif_transpose: the crop is taken where the viewer sees it."""
+    img = Image.fromarray(np.random.default_rng(orientation).integers(0, 255, (*size[::-1], 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(img, "PNG", exif=exif.tobytes())
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    expected = shown.crop(aspect_box(*shown.size))
+    assert np.array_equal(np.asarray(decode(data)), np.asarray(expected))
+
+
+def test_padding_is_white_and_content_centred():
+    for size, content in [((40, 20), (slice(16, 48), slice(0, 64))), ((20, 40), (slice(0, 64), slice(16, 48)))]:
+        t = PRE(encode(Image.new("RGB", size, (0, 0, 0))))
+        mask = torch.zeros(S, S, dtype=torch.bool)
+        mask[content] = True
+        assert near(t, (0, 0, 0), tol=3)[mask].all() and near(t, (255, 255, 255), tol=3)[~mask].all()
+
+
+@pytest.mark.parametrize("name", ["animated.gif", "animated.webp", "animated.png"])
+def test_animations_give_their_first_frame(name):
+    assert near(PRE(CORPUS[name][0]), (255, 0, 0), tol=3).all()
+
+
+def test_modes_become_correct_rgb():
+    assert near(PRE(CORPUS["cmyk.jpg"][0]), (255, 0, 0), tol=40)[8:56].all()  # C=0 M=Y=255 K=0 is red
+    ramp = rgb_of(PRE(CORPUS["grey16.png"][0]))[32, :, 0]
+    assert ramp[0] < 3 and ramp[-1] > 252 and (ramp[1:] - ramp[:-1] > -1).all()  # 0..65535 -> 0..255
+    pal = decode(CORPUS["palette_transparent.png"][0])
+    assert pal.getpixel((0, 0)) == (255, 255, 255) and pal.getpixel((16, 16)) == (200, 0, 0)
+    la = decode(CORPUS["la.png"][0]).getpixel((5, 5))  # grey 90 at alpha 128, on white
+    assert all(abs(c - (90 * 128 + 255 * 127) / 255) <= 1 for c in la)
+    assert decode(CORPUS["one_bit.png"][0]).getpixel((3, 3)) == (255, 255, 255)
+    for mode, value in [("I", 1000), ("F", 0.5), ("I;16", 257 * 10)]:  # images handed in directly
+        t = Preprocessor(16, MEAN, STD)(Image.new(mode, (16, 16), value))
+        assert torch.isfinite(t).all()
+    assert near(Preprocessor(16, MEAN, STD)(Image.new("F", (16, 16), 1.0)), (255, 255, 255), tol=2).all()
+    assert near(Preprocessor(16, MEAN, STD)(Image.new("I", (16, 16), 1000)), (255, 255, 255), tol=2).all()
+
+
+def test_training_and_inference_paths_agree():
+    """decode at full size -> to_tensor (training) vs decode shrinking as it goes (inference): the
+    same pixels up to rounding, for every image that is not a JPEG decoded with DCT scaling."""
+    for name in ["strip_600x40000.png", "wide_40000x600.png", "palette_transparent.png", "photo.bmp",
+                 "exif_rotated.jpg", "png_declares_4000x4000_one_row.png", "grey16.png"]:  # fmt: skip
+        data = CORPUS[name][0]
+        diff = (to_tensor(decode(data), S, MEAN, STD) - PRE(data)).abs()
+        assert diff.mean() < 0.01, name
+
+
+def test_pixel_budget():
+    assert pixel_budget(1) == PIXEL_FLOOR == 16_000_000 and PIXELS_PER_BYTE == 64
+    assert pixel_budget(300_000) == 19_200_000 and pixel_budget(10 << 20) == MAX_PIXELS
+    # a 5000 x 4000 drawing must carry at least 312,500 bytes; a 36 Mpx 1-bit PNG of 4 KB does not
+    assert pixel_budget(312_500) >= 20_000_000 and pixel_budget(4_446) < 36_000_000
+
+
+def test_webp_pixels_count_four_times():
+    flat = Image.new("RGB", (3000, 3000), (10, 200, 30))  # 9 Mpx: under the floor as PNG, 36 Mpx of budget as WebP
+    assert outcome(PRE, encode(flat, "PNG")) == "ok"
+    webp = encode(flat, "WEBP")
+    assert len(webp) < 36_000_000 // PIXELS_PER_BYTE and outcome(PRE, webp) == "decompression_bomb"
+
+
+def test_bytes_like_inputs():
+    data = CORPUS["photo.jpg"][0]
+    expected = PRE(data)
+    assert torch.equal(PRE(bytearray(data)), expected) and torch.equal(PRE(memoryview(data)), expected)
+    assert decode(memoryview(data)).size == (64, 48)
+
+
+def test_other_formats_are_never_parsed(monkeypatch):
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: calls.append(1))
+    with pytest.raises(ImageError) as err:
+        decode(CORPUS["postscript.eps"][0])
+    assert err.value.reason == "not_an_image" and not calls  # ghostscript is never near
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), ValueError("bad"), OSError("broken data stream"),
+                                 struct.error("unpack requires a buffer of 4 bytes"), ZeroDivisionError("x"),
+                                 SyntaxError("not a PNG"), KeyError("quality"), RecursionError()])  # fmt: skip
+def test_any_exception_becomes_undecodable(monkeypatch, exc):
+    def boom(*args, **kw):
+        raise exc
+
+    data = CORPUS["photo.jpg"][0]
+    for where in ("open", "load"):
+        monkeypatch.undo()
+        monkeypatch.setattr(*((P.Image, "open", boom) if where == "open" else (Image.Image, "load", boom)))
+        with pytest.raises(ImageError) as err:
+            PRE(data)
+        assert err.value.reason == "undecodable" and type(exc).__name__ in str(err.value), where
+
+
+# -- memory: the hostile images in a fresh process ----------------------------------------------------------
+
+CHILD = r"""
+import importlib.util, io, json, resource, sys
+import numpy, torch
+from PIL import Image
+
+path, *files = sys.argv[1:]
+spec = importlib.util.spec_from_file_location("preprocess_under_test", path)
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+datas = [open(f, "rb").read() for f in files]
+# Safety net, not the measure: an address-space cap 2 GiB above what the imports mapped, so code that
+# asks for a 4.8 GB canvas fails here with MemoryError instead of taking the machine down.
+vm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm * 1024 + (2 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+pre = m.Preprocessor(448, (0.5,) * 3, (0.5,) * 3)
+buf = io.BytesIO()
+Image.new("RGB", (640, 480), (9, 99, 199)).save(buf, "PNG")
+pre(buf.getvalue())  # warm up: PIL plugins, torch's first ops
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = []
+for data in datas:
+    try:
+        pre(data)
+        got = "ok"
+    except m.ImageError as e:
+        got = e.reason
+    except BaseException as e:
+        got = "raised " + type(e).__name__
+    out.append([got, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024])
+print(json.dumps(out))
+"""
+
+# (item, peak RSS growth bound in MB, cumulative: ru_maxrss is a high-water mark). The hostile items decode
+# at most a 600 x 1500 window, a 300 x 20,000 DCT-scaled JPEG (18 MB of RGB) or a 16 Mpx greyscale image at
+# the budget floor (16 MB), or nothing: 64 MB is several times that. The 24 Mpx wide PNG is legitimate and
+# decodes whole (72 MB of RGB, converted in 1 Mpx strips): 160 MB. The old code needed 6.2 GB for the strip
+# and raised MemoryError on the 2 x 2,000,000 line.
+MEMORY_ITEMS = [
+    ("line_2x2000000.png", 64), ("bomb_1bit_9000x6000.png", 64), ("bomb_1bit_6000x6000.png", 64),
+    ("bomb_tall_4000x12000.png", 64), ("png_declares_30000x30000.png", 64), ("webp_declares_16000x10000.webp", 64),
+    ("strip_600x40000.png", 64), ("strip_600x40000.jpg", 64), ("png_declares_4000x4000_one_row.png", 64),
+    ("wide_40000x600.png", 160),
+]  # fmt: skip
+
+
+def test_peak_memory_of_hostile_images_is_bounded(tmp_path):
+    files = []
+    for name, _ in MEMORY_ITEMS:
+        (tmp_path / name).write_bytes(CORPUS[name][0])
+        files.append(str(tmp_path / name))
+    proc = subprocess.run([sys.executable, "-c", CHILD, P.__file__, *files], capture_output=True, text=True,
+                          timeout=600, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (name, bound), (got, grew_mb) in zip(MEMORY_ITEMS, results, strict=True):
+        assert got == CORPUS[name][1], (name, got)
+        assert grew_mb < bound, (name, grew_mb, results)
+
+
+# -- property-based: damaged images and arbitrary bytes -----------------------------------------------------
+
+PROPERTY = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+SMALL_NAMES = sorted(SMALL)
+MAGIC = [
+    b"\xff\xd8\xff\xe0",
+    b"\xff\xd8\xff\xc0",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF89a",
+    b"GIF87a",
+    b"BM",
+    b"RIFF\x00\x10\x00\x00WEBPVP8 ",
+    b"RIFF\x00\x10\x00\x00WEBPVP8L",
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+]
+
+
+def tensor_or_reason(data: bytes) -> None:
+    outcome(PRE, data)
+    outcome(decode, data)
+
+
+@PROPERTY
+@given(name=st.sampled_from(SMALL_NAMES), seed=st.integers(0, 2**32 - 1))
+def test_mutated_images_give_a_tensor_or_a_reason(name, seed):
+    others = [SMALL[n][0] for n in SMALL_NAMES]
+    for data in mutations(SMALL[name][0], seed, others):
+        tensor_or_reason(data)
+
+
+@PROPERTY
+@given(data=st.binary(max_size=4096))
+def test_arbitrary_bytes_give_a_reason(data):
+    tensor_or_reason(data)
+
+
+@PROPERTY
+@given(magic=st.sampled_from(MAGIC), rest=st.binary(max_size=2048))
+def test_image_headers_with_arbitrary_bodies_give_a_reason(magic, rest):
+    tensor_or_reason(magic + rest)
