@@ -210,9 +210,10 @@ def build_app(s: ServeSettings, gpus_available: bool = False):
         ray_actor_options={"num_cpus": 0.25, "runtime_env": env},
     ).bind(model, consumer_settings)  # fmt: skip
     # /health must answer while slow or busy clients hold their requests: the replica admits more requests
-    # than it works on at once (the rest wait in the API's own limiter, which /health bypasses)
+    # than it works on at once (the rest wait in the API's own limiter, which /health bypasses), and the
+    # proxy queues a bounded number beyond that (a flood is refused there, not queued without end)
     api_ongoing = s.http_max_concurrency + 16
-    return TaggerAPI.options(**quiet, max_ongoing_requests=api_ongoing,
+    return TaggerAPI.options(**quiet, max_ongoing_requests=api_ongoing, max_queued_requests=4 * api_ongoing,
                              ray_actor_options={"num_cpus": 0.1, "runtime_env": env}).bind(model, consumer, asdict(s))
 
 
@@ -237,6 +238,13 @@ def app_builder(args: dict):
     return build_app(ServeSettings(**args), _cluster_has_gpus())
 
 
+def http_options(s: ServeSettings) -> dict:
+    """Serve's proxy options: an end-to-end bound on every request (the body's read deadline plus a model
+    call, with room for queueing); past it the proxy answers 408 itself."""
+    return {"host": s.http_host, "port": s.http_port,
+            "request_timeout_s": s.http_read_timeout_s + s.model_timeout_s + 30}
+
+
 def serve_config(s: ServeSettings) -> dict:
     """A Serve config file (``serve deploy`` / ``serve run`` / a RayService's ``serveConfigV2``) for these
     settings. Secrets are never written: a password in the Redis URL is dropped, and the tagger reads it
@@ -246,7 +254,7 @@ def serve_config(s: ServeSettings) -> dict:
     args = {**asdict(s), "redis": without_password(s.redis)}
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": s.http_host, "port": s.http_port},
+        "http_options": http_options(s),
         "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "deploy.app:app_builder",
                           "args": args}],
     }  # fmt: skip
@@ -259,7 +267,7 @@ def deploy(s: ServeSettings, blocking: bool = False) -> DeploymentHandle:
     path = metrics_dir(s.metrics_port)
     os.makedirs(path, exist_ok=True)
     remove_dead_files(path)  # samples of an earlier run's processes
-    serve.start(http_options={"host": s.http_host, "port": s.http_port})
+    serve.start(http_options=http_options(s))
     return serve.run(build_app(s, _cluster_has_gpus()), name=APP_NAME, route_prefix="/", blocking=blocking)
 
 

@@ -38,6 +38,10 @@ def serve_forever(s: ServeSettings, log=print, stop: threading.Event | None = No
     from ingest.queue import redact
 
     check_redis(s, log)
+    if s.api_keys_file:  # a keys file that cannot be used stops the start here, naming the file
+        from deploy.http import load_api_keys
+
+        load_api_keys(s.api_keys_file)
     ensure_ray(s.address, cpus_needed(s))
     stop = stop or threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -193,8 +193,7 @@ def crashing_model():
 
 def test_an_upload_that_kills_its_replica_each_time_is_poison_and_its_batch_mates_are_tagged(
         ray_cluster, module_redis, tiny_checkpoint, tiny_rows):  # fmt: skip
-    from ray import cloudpickle
-    from ray import serve
+    from ray import cloudpickle, serve
 
     from deploy.consumer import UploadConsumer
     from deploy.settings import ServeSettings
