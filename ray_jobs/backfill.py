@@ -2,7 +2,8 @@
 
     input (prefix of image files | manifest Parquet | Dan:mul dataset)
       -> skip posts already in OUT (resume)
-      -> fetch + decode + preprocess        CPU tasks (bad images become error rows, never failures)
+      -> fetch + decode + preprocess        CPU tasks (bad images become error rows, never failures; a fetch
+                                            failure that may pass is counted and left for the next run)
       -> predict                            actor pool, Tagger loaded once per actor (a GPU each if any)
       -> write                              one results file and one errors file per block, atomically,
                                             named by a hash of the block's post ids
@@ -12,7 +13,10 @@ Output, under OUT: ``results/part-*.parquet`` (``post_id``, ``characters`` and `
 ``{name, score}``, ``abstained``, ``model``) and ``errors/part-*.parquet`` (``post_id``, ``image_uri``,
 ``reason``, ``detail``). A file is written whole or not at all (atomic rename / S3 PUT), so an
 interrupted run leaves only complete files; the next run with the same OUT reads their post ids and
-processes only the rest. Streaming execution throughout: nothing collects the dataset on the driver;
+processes only the rest. An image whose fetch failed for a reason that may pass (storage or network
+trouble: :class:`ingest.fetch.FetchRetry`) is in neither: it is counted (``retry``) and the same command,
+run again, tries it again; a permanent failure (not found, forbidden, not an image...) is an error row,
+written once. Streaming execution throughout: nothing collects the dataset on the driver;
 the driver sees one small summary row per block (counts for the progress bar and the metrics).
 """
 
@@ -42,6 +46,7 @@ RESULT_SCHEMA = pa.schema([
 ERROR_SCHEMA = pa.schema([("post_id", pa.int64()), ("image_uri", pa.string()), ("reason", pa.string()),
                           ("detail", pa.string())])
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+FETCH_FAILED = "fetch_failed"  # the reason of a fetch that may pass: counted, never written to errors/
 
 
 @dataclass
@@ -213,6 +218,7 @@ def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str
     n = len(batch["post_id"])
     pixels = np.zeros((n, 3, pre.image_size, pre.image_size), dtype=np.float32)
     reasons, details = [""] * n, [""] * n
+    retry = np.zeros(n, dtype=bool)  # failed for a reason that may pass: not recorded, so a re-run tries again
     for i in range(n):
         try:
             if batch["post_id"][i] < 0:
@@ -224,12 +230,12 @@ def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str
         except (ImageError, BadUpload) as e:
             reasons[i], details[i] = e.reason, str(e)[:300]
         except FetchRetry as e:
-            reasons[i], details[i] = "fetch_failed", str(e)[:300]
+            reasons[i], details[i], retry[i] = FETCH_FAILED, str(e)[:300], True
     tags = ["" if _missing(t) else " ".join(t) for t in batch["tags"]]  # "": image only
     return {"post_id": batch["post_id"],
             "image_uri": np.array(["" if _missing(u) else u for u in batch["image_uri"]], dtype=object),
             "tags": np.array(tags, dtype=object), "pixels": pixels, "reason": np.array(reasons, dtype=object),
-            "detail": np.array(details, dtype=object)}  # fmt: skip
+            "detail": np.array(details, dtype=object), "retry": retry}  # fmt: skip
 
 
 # -- predict + write (actor pool) ----------------------------------------------------------------------------
@@ -259,6 +265,8 @@ class Predictor:
 
         t0 = time.perf_counter()
         ok = np.array([r == "" for r in batch["reason"]], dtype=bool)
+        retry = batch["retry"].astype(bool) & ~ok
+        failed = ~ok & ~retry  # permanent: recorded as errors; a retry is recorded nowhere (a re-run tries it)
         ids = batch["post_id"].astype(np.int64)
         preds = []
         if ok.any():
@@ -273,10 +281,10 @@ class Predictor:
                 "abstained": [p.abstained for p in preds],
                 "model": [p.model for p in preds],
             }, schema=RESULT_SCHEMA))  # fmt: skip
-        if (~ok).any():
+        if failed.any():
             self.out.write_parquet(f"{ERRORS}/part-{name}.parquet", pa.table({
-                "post_id": ids[~ok], "image_uri": list(batch["image_uri"][~ok]),
-                "reason": list(batch["reason"][~ok]), "detail": list(batch["detail"][~ok]),
+                "post_id": ids[failed], "image_uri": list(batch["image_uri"][failed]),
+                "reason": list(batch["reason"][failed]), "detail": list(batch["detail"][failed]),
             }, schema=ERROR_SCHEMA))  # fmt: skip
         if self.redis is not None and preds:
             from ingest.queue import result_fields
@@ -285,9 +293,8 @@ class Predictor:
             for post_id, p in zip(ids[ok], preds, strict=True):
                 pipe.hset(self.keys.result(int(post_id)), mapping=result_fields(p.to_dict()))
             pipe.execute()
-        reasons = [r for r in batch["reason"] if r]
-        return {"ok": np.array([int(ok.sum())]), "errors": np.array([len(reasons)]),
-                "seconds": np.array([time.perf_counter() - t0])}
+        return {"ok": np.array([int(ok.sum())]), "errors": np.array([int(failed.sum())]),
+                "retry": np.array([int(retry.sum())]), "seconds": np.array([time.perf_counter() - t0])}
 
 
 # -- the job ---------------------------------------------------------------------------------------------
@@ -298,6 +305,7 @@ class BackfillResult:
     skipped: int
     seconds: float
     images_per_s: float
+    retry: int = 0  # fetches that failed for reasons that may pass: in neither results nor errors, left for a re-run
 
 
 def run(cfg: BackfillConfig, log=print) -> BackfillResult:
@@ -343,25 +351,28 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
         f"{' on GPUs' if gpus else ' on CPU'}, batch {cfg.batch_size}")
     todo = max(0, total - len(done))
     bar = _progress(cfg.progress, min(todo, cfg.limit) if cfg.limit else todo)
-    processed = errors = 0
+    processed = errors = retry = 0
     t0 = time.perf_counter()
     for summary in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        ok, bad = int(summary["ok"].sum()), int(summary["errors"].sum())
-        processed, errors = processed + ok, errors + bad
+        ok, bad, again = int(summary["ok"].sum()), int(summary["errors"].sum()), int(summary["retry"].sum())
+        processed, errors, retry = processed + ok, errors + bad, retry + again
         if metrics:
             metrics["images"].labels("tagged").inc(ok)
             metrics["images"].labels("error").inc(bad)
-            metrics["rate"].set((processed + errors) / (time.perf_counter() - t0))
+            metrics["images"].labels("retry").inc(again)
+            metrics["rate"].set((processed + errors + retry) / (time.perf_counter() - t0))
         if bar is not None:
-            bar.update(ok + bad)
+            bar.update(ok + bad + again)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
-    rate = (processed + errors) / seconds if seconds else 0.0
+    rate = (processed + errors + retry) / seconds if seconds else 0.0
     out.write_text("backfill.yaml", dump(cfg))
     log(f"{processed:,} images tagged, {errors:,} errors, {len(done):,} skipped (done before) in {seconds:.1f} s: "
         f"{rate:,.0f} images/s")
-    return BackfillResult(processed, errors, len(done), seconds, rate)
+    if retry:
+        log(f"{retry:,} images failed for reasons that may pass: run the same command again to retry them")
+    return BackfillResult(processed, errors, len(done), seconds, rate, retry)
 
 
 def _progress(enabled: bool, total: int):
