@@ -37,7 +37,8 @@ SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 UPLOADS = Counter("danmul_uploads_total", "Uploads finished by a consumer, by outcome: tagged (result written), "
                   "dead_letter, duplicate (another delivery had already finished it)", ["outcome"])
 RETRIES = Counter("danmul_upload_retries_total", "Uploads left pending for another delivery, by reason "
-                  "(fetch_error, model_unavailable, redis_error)", ["reason"])
+                  "(fetch_error, model_unavailable, model_timeout, replica_died, redis_error, internal_error)",
+                  ["reason"])
 DEAD_LETTERS = Counter("danmul_dead_letters_total", "Uploads moved to the dead-letter stream, by reason code",
                        ["reason"])
 STAGE_SECONDS = Histogram("danmul_stage_seconds", "Time per upload in each stage: fetch, decode, inference "
@@ -60,19 +61,20 @@ MODEL_REPLICAS = Gauge("danmul_model_replicas", "Model replicas running, by mode
 MODEL_INFO = Gauge("danmul_model_info", "The model a replica serves: 1 per version", ["model", "image_model"],
                    multiprocess_mode="livemax")
 REDIS_ERRORS = Counter("danmul_redis_errors_total", "Redis commands or scripts that failed with an error Redis "
-                       "answered (not an outage), by operation: read, claim, complete, dead_letter, trim, stats; "
-                       "the upload concerned stays pending", ["op"])
+                       "answered (not an outage), by operation: read, claim, complete, dead_letter, trim, touch, "
+                       "stats, group; the upload concerned stays pending", ["op"])
 STREAM_TRIMMED = Counter("danmul_stream_trimmed_total", "Acknowledged upload entries trimmed from the uploads "
                          "stream by the tagger (retention)")
 REDIS_UP = Gauge("danmul_redis_up", "1 while the consumer can read and write Redis with its credentials, 0 while "
                  "Redis is unreachable or refuses them", multiprocess_mode="livemin")
-HTTP_REQUESTS = Counter("danmul_http_requests_total", "HTTP API requests by endpoint and status code",
+HTTP_REQUESTS = Counter("danmul_http_requests_total", "HTTP API requests by endpoint and status code (499: "
+                        "the client went away)",
                         ["endpoint", "code"])
 HTTP_SECONDS = Histogram("danmul_http_request_seconds", "HTTP API request time by endpoint", ["endpoint"],
                          buckets=LATENCY_BUCKETS)
 
 # -- backfill (served by the backfill driver, which counts what its actors report) --------------------------
-BACKFILL_IMAGES = Counter("danmul_backfill_images_total", "Backfill images finished, by outcome: tagged, error",
+BACKFILL_IMAGES = Counter("danmul_backfill_images_total", "Backfill images finished, by outcome: tagged, error, retry",
                           ["outcome"])
 BACKFILL_RATE = Gauge("danmul_backfill_images_per_second", "Backfill throughput since the job started",
                       multiprocess_mode="mostrecent")

@@ -171,11 +171,14 @@ def _backfill(args: argparse.Namespace) -> int:
 
     cfg = cfgmod.resolve(BackfillConfig, args, args.config)
     try:
-        run(cfg, log=lambda line: print(line, flush=True))
+        result = run(cfg, log=lambda line: print(line, flush=True))
     finally:
         if not cfg.address:
             ray.shutdown()
-    return 0
+    return EXIT_TEMPFAIL if result.retry else 0
+
+
+EXIT_TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: finished, but some work failed for reasons that may pass (run again)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -15,7 +15,9 @@ from dataclasses import asdict
 
 import pytest
 import redis
-from hostile_images import corpus
+from hostile_images import corpus, mutations, small_corpus
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ingest.queue import Keys, enqueue, read_result
 from ray_jobs.local_redis import RedisServer, free_port
@@ -219,3 +221,55 @@ def test_an_upload_that_kills_its_replica_each_time_is_poison_and_its_batch_mate
         assert c.xpending(keys.uploads, "danmul-taggers")["pending"] == 0
     finally:
         serve.delete("poison")
+
+
+# -- property-based: whatever the fields, one outcome each ---------------------------------------------------
+def _damaged(base: bytes, seed: int, which: int) -> bytes:
+    return list(mutations(base, seed))[which % 4]
+
+
+def upload_fields() -> st.SearchStrategy:
+    """Stream entries as an attacker would write them: the protocol's fields with good, damaged or arbitrary
+    values, any of them missing, and arbitrary extra fields."""
+    bases = [data for data, _ in small_corpus().values()]
+    text = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=60)
+    images = st.one_of(st.sampled_from(bases), st.builds(_damaged, st.sampled_from(bases), st.integers(0, 2**31),
+                                                         st.integers(0, 3)), st.binary(max_size=300))  # fmt: skip
+    post_ids = st.one_of(st.integers(0, 2**63 - 1).map(str), st.integers(-(2**70), 2**70).map(str), text,
+                         st.binary(max_size=30))  # fmt: skip
+    uris = st.one_of(st.sampled_from(["s3://nope/x.jpg", "s3://", "/etc/passwd", "file:///dev/zero", "http://[::1]/",
+                                      "gopher://x", "s3://b/../c/d.jpg"]), text)  # fmt: skip
+    tags = st.one_of(text, st.binary(max_size=60), st.lists(st.sampled_from(["1girl", "solo", "smile"])).map(" ".join))
+    protocol = st.fixed_dictionaries({}, optional={"post_id": post_ids, "image": images, "image_uri": uris,
+                                                   "tags": tags})  # fmt: skip
+    extra = st.dictionaries(st.binary(min_size=1, max_size=20), st.binary(max_size=50), max_size=5)
+    return st.builds(lambda base, more: {**more, **base} or {"x": b""}, protocol, extra)
+
+
+@pytest.fixture(scope="module")
+def property_app(ray_cluster, module_redis, tiny_checkpoint, tmp_path_factory):
+    from deploy.app import deploy, undeploy
+    from deploy.settings import ServeSettings
+
+    root = tmp_path_factory.mktemp("roots")
+    deploy(ServeSettings(checkpoint=tiny_checkpoint, redis=module_redis.url, prefix="prop:", http_port=free_port(),
+                         metrics_port=free_port(), local_roots=str(root), claim_idle_s=5))
+    yield replicas("TaggerModel")
+    undeploy()
+
+
+@settings(max_examples=8, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+@given(st.lists(upload_fields(), min_size=5, max_size=25))
+def test_any_entry_ends_in_one_result_or_one_dead_letter_with_a_known_reason(property_app, module_redis, entries):
+    keys = Keys("prop:")
+    c = redis.Redis(port=module_redis.port)
+    ids = [c.xadd(keys.uploads, fields).decode() for fields in entries]
+    wait_until_ended(c, keys, ids, timeout=120)
+    results, dead = outcomes(c, keys)
+    for i in ids:
+        assert results[i] + (i in dead) == 1, i
+        assert i in results or dead[i].decode() in known_reasons(), dead[i]
+    assert replicas("TaggerModel") == property_app  # no model replica died
+    assert c.xpending(keys.uploads, "danmul-taggers")["pending"] == 0
+
