@@ -167,7 +167,7 @@ class UploadConsumer:
         import redis
         from redis.exceptions import ConnectionError, TimeoutError
 
-        from ingest.queue import AUTH_ERRORS
+        from ingest.queue import AUTH_ERRORS, tls_untrusted
 
         backoff, idle = 0.1, IDLE_POLL_S[0]
         next_claim = next_stats = next_trim = next_touch = 0.0
@@ -218,7 +218,10 @@ class UploadConsumer:
                 backoff = min(max(backoff * 2, 1.0), 30.0)
                 await asyncio.sleep(backoff)
             except (ConnectionError, TimeoutError, OSError) as e:
-                self._redis_down(f"Redis unavailable ({type(e).__name__})")
+                if tls_untrusted(e):
+                    self._redis_down("Redis's TLS certificate is not trusted: set --redis-ca-file", error=True)
+                else:
+                    self._redis_down(f"Redis unavailable ({type(e).__name__})")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             except redis.ResponseError as e:  # Redis answered with an error (wrong key type, OOM, READONLY, ...)

@@ -446,6 +446,17 @@ AUTH_ERRORS = (redis.exceptions.AuthenticationError, redis.exceptions.Authorizat
                redis.exceptions.NoPermissionError)
 
 
+def tls_untrusted(e: BaseException) -> bool:
+    """Whether a connection failed because the server's TLS certificate could not be verified (a setup
+    problem to report, not an outage to wait out)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if "CERTIFICATE_VERIFY_FAILED" in str(seen) or "certificate verify failed" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _credentials(url: str) -> dict[str, str]:
     """Username and password for ``url`` from the environment, where the URL does not carry them itself:
     ``REDIS_USERNAME``/``REDIS_PASSWORD`` work with or without a user in the URL (``rediss://danmul@host``
@@ -549,6 +560,11 @@ def check_server(client, keys: Keys, allow_eviction: bool = False, cluster: bool
     except AUTH_ERRORS as e:
         raise RedisSetupError(f"Redis refused the credentials ({e}): check the user and password in the URL, "
                               "or REDIS_USERNAME / REDIS_PASSWORD, and the user's ACL") from None
+    except redis.ConnectionError as e:
+        if tls_untrusted(e):
+            raise RedisSetupError(f"Redis's TLS certificate is not trusted ({e}): pass the CA that signed it as "
+                                  "--redis-ca-file (or REDIS_CA_FILE)") from None
+        raise
     if cluster:  # a cluster client answers per node: any node's answer will do
         info = next(iter(info.values())) if info and isinstance(next(iter(info.values())), dict) else info
         memory = next(iter(memory.values())) if memory and isinstance(next(iter(memory.values())), dict) else memory

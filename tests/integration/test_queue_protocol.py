@@ -305,3 +305,26 @@ def test_uploads_being_worked_on_are_touched_so_they_are_not_reclaimed(redis_ser
 
     touched, reclaimed, stale, late = run(redis_server.url, scenario)
     assert touched == 1 and reclaimed == [stale] and late == 0
+
+
+def test_tls_redis_is_verified_against_the_given_ca(tmp_path, monkeypatch):
+    from tls_certs import issue, make_ca, write_ca
+
+    from ray_jobs.local_redis import free_port
+
+    ca, ca_key = make_ca()
+    ca_file = write_ca(ca, tmp_path)
+    cert, key = issue(ca, ca_key, tmp_path, "localhost", ip="127.0.0.1")
+    tls_port = free_port()
+    args = ["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(ca_file), "--tls-auth-clients", "no"]
+    with RedisServer(str(tmp_path), args=args):
+        url = f"rediss://127.0.0.1:{tls_port}/0"
+        assert check_server(connect(url, ca_file=str(ca_file)), Keys()) == []
+        monkeypatch.setenv("REDIS_CA_FILE", str(ca_file))
+        assert connect(url).ping()
+        monkeypatch.delenv("REDIS_CA_FILE")
+        with pytest.raises(RedisSetupError, match="not trusted"):  # the system's CAs do not know this one
+            check_server(connect(url, retries=0), Keys())
+        with pytest.raises(RedisSetupError, match="does not exist"):
+            connect(url, ca_file=str(tmp_path / "missing.crt"))

@@ -4,7 +4,6 @@ limit, TLS name checks)."""
 
 from __future__ import annotations
 
-import datetime
 import http.server
 import ipaddress
 import json
@@ -18,6 +17,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import boto3
 import pytest
+from tls_certs import issue, make_ca, write_ca
 
 from ingest.fetch import (
     MAX_BUCKET_CLIENTS,
@@ -305,9 +305,9 @@ def test_http_connects_to_the_address_it_checked(web, monkeypatch):
 
 
 def test_https_verifies_the_url_host_on_the_checked_address(tmp_path):
-    ca, ca_key = _ca()
+    ca, ca_key = make_ca()
     good, wrong = _tls_server(tmp_path, ca, ca_key, "localhost"), _tls_server(tmp_path, ca, ca_key, "elsewhere.test")
-    trust = ssl.create_default_context(cadata=ca.public_bytes(_pem()).decode())
+    trust = ssl.create_default_context(cafile=str(write_ca(ca, tmp_path)))
     try:
         f = http_fetcher(ssl_context=trust)
         assert f.fetch(f"https://localhost:{good.server_address[1]}/img") == IMAGE
@@ -424,47 +424,9 @@ def _s3_error_handler(status: int, code: str):
     return Handler
 
 
-def _pem():
-    from cryptography.hazmat.primitives import serialization
-
-    return serialization.Encoding.PEM
-
-
-def _ca():
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "danmul test CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))  # fmt: skip
-    return cert, key
-
-
 def _tls_server(tmp_path, ca, ca_key, dns_name: str) -> _Server:
     """A real HTTPS server on 127.0.0.1 whose certificate (signed by ``ca``) names ``dns_name``."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
-            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
-            .sign(ca_key, hashes.SHA256()))  # fmt: skip
-    cert_file, key_file = tmp_path / f"{dns_name}.crt", tmp_path / f"{dns_name}.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    cert_file, key_file = issue(ca, ca_key, tmp_path, dns_name)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file)
     return _serve(_Handler, context)
