@@ -130,6 +130,7 @@ class UploadConsumer:
         self.tasks: set[asyncio.Task] = set()
         self.held_bytes = 0
         self.held: dict[str, int] = {}  # entry id -> bytes, of the uploads being worked on
+        self.ended_elsewhere: set[str] = set()  # held uploads a script has already ended (deleted meanwhile)
         self.stopping = asyncio.Event()
         self.counts: dict[str, int] = {}
         self.redis_problem: str | None = None
@@ -152,7 +153,8 @@ class UploadConsumer:
 
         client = connect(self.s.redis, ca_file=self.s.redis_ca_file, cluster=self.s.redis_cluster, retries=0)
         try:
-            for warning in check_server(client, keys, self.s.allow_eviction, self.s.redis_cluster):
+            for warning in check_server(client, keys, self.s.allow_eviction, self.s.redis_cluster, self.s.group,
+                                        self.s.allow_other_groups):
                 log.warning("%s", warning)
         except (ConnectionError, TimeoutError, OSError) as e:
             log.warning("redis not reachable at start-up (%s); waiting for it", type(e).__name__)
@@ -179,25 +181,23 @@ class UploadConsumer:
                     op = "group"
                     await self.queue.ensure_group()
                     group_ready = True
+                # housekeeping on timers of its own, each rescheduled before it runs: one that keeps
+                # failing (a Redis error) never keeps the loop from reading
                 now = time.monotonic()
                 if now >= next_stats:
-                    op = "stats"
+                    op, next_stats = "stats", now + STATS_INTERVAL_S
                     await self._update_stats()
-                    next_stats = now + STATS_INTERVAL_S
                 if now >= next_touch and self.held:
-                    op = "touch"  # uploads being worked on are not idle: keep other consumers off them
-                    await self.queue.touch(list(self.held))
-                    next_touch = now + max(0.5, self.s.claim_idle_s / 3)
-                if now >= next_trim and self.s.stream_retention_s >= 0:
-                    op = "trim"
+                    op, next_touch = "touch", now + max(0.5, self.s.claim_idle_s / 3)
+                    await self._touch()
+                if now >= next_trim:
+                    op, next_trim = "trim", now + self.s.trim_interval_s
                     self.metrics.STREAM_TRIMMED.inc(await self.queue.trim(self.s.stream_retention_s))
-                    next_trim = now + self.s.trim_interval_s
                 free, budget = self._free()
                 if now >= next_claim and free > 0 and budget > 0:
-                    op = "claim"
+                    op, next_claim = "claim", now + max(1.0, self.s.claim_idle_s / 2)
                     self._take(await self.queue.reclaim(int(self.s.claim_idle_s * 1000), free, budget,
                                                         self.s.max_deliveries))
-                    next_claim = now + max(1.0, self.s.claim_idle_s / 2)
                     free, budget = self._free()
                 if free <= 0 or budget <= 0:
                     await asyncio.wait(self.tasks, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
@@ -248,6 +248,16 @@ class UploadConsumer:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
+    async def _touch(self) -> None:
+        """Uploads being worked on are not idle: keep other consumers off them. Those deleted from the stream
+        meanwhile were just dead-lettered (``deleted``) by the script: their work is moot."""
+        _, gone = await self.queue.touch(list(self.held))
+        for entry_id in gone:
+            self.ended_elsewhere.add(entry_id)
+            self.metrics.DEAD_LETTERS.labels("deleted").inc()
+            self._finished(entry_id, "dead_letter")
+            log.info("upload %s dead-lettered: deleted from the stream while it was being worked on", entry_id)
+
     def _redis_ok(self) -> None:
         if self.redis_problem is not None:
             log.info("redis available again")
@@ -277,9 +287,10 @@ class UploadConsumer:
             self.metrics.QUEUE_LAG.labels(self.s.group).set(stats.lag)
         self.metrics.QUEUE_PENDING.labels(self.s.group).set(stats.pending)
         if stats.undelivered_deleted and not self._undelivered_deleted:
-            log.error("uploads the group had not read yet were deleted from %s by something other than the "
-                      "tagger (XTRIM/XDEL by hand, or XADD with MAXLEN): they are lost. Let the tagger trim the "
-                      "stream (--stream-retention-s)", self.queue.keys.uploads)
+            log.error("Redis cannot count %s's lag: entries the group had not read yet were probably deleted by "
+                      "something other than the tagger (XTRIM/XDEL by hand, or XADD with MAXLEN), and those "
+                      "uploads are lost. Let the tagger trim the stream (--stream-retention-s)",
+                      self.queue.keys.uploads)
         self._undelivered_deleted = stats.undelivered_deleted
 
     # -- one upload -------------------------------------------------------------------------------------
@@ -297,6 +308,7 @@ class UploadConsumer:
         finally:
             self.held_bytes -= upload.size
             self.held.pop(upload.entry_id, None)
+            self.ended_elsewhere.discard(upload.entry_id)
             self.metrics.IN_FLIGHT.dec()
 
     async def _process(self, upload) -> None:
@@ -362,7 +374,8 @@ class UploadConsumer:
         if done is None:
             return
         self.metrics.STAGE_SECONDS.labels("write_back").observe(time.perf_counter() - t0)
-        self._finished(upload.entry_id, "tagged" if done else "duplicate")
+        if done or upload.entry_id not in self.ended_elsewhere:
+            self._finished(upload.entry_id, "tagged" if done else "duplicate")
         if done:
             self.metrics.CHARACTER_CONFIDENCE.observe(out["best_character"][1])
             if out["abstained"]:
@@ -375,7 +388,8 @@ class UploadConsumer:
         if done:
             self.metrics.DEAD_LETTERS.labels(reason).inc()
             log.info("upload %s dead-lettered: %s %s", upload.entry_id, reason, detail[:200])
-        self._finished(upload.entry_id, "dead_letter" if done else "duplicate")
+        if done or upload.entry_id not in self.ended_elsewhere:
+            self._finished(upload.entry_id, "dead_letter" if done else "duplicate")
 
     async def _redis(self, op: str, upload, fn, *args) -> Any:
         """A final write, retried while Redis is away (restarting) for up to REDIS_WRITE_PATIENCE_S (the

@@ -20,6 +20,9 @@ class ServeSettings:
         "help": "Redis is a Redis Cluster (the prefix must then carry a hash tag, e.g. {danmul}:)"})
     allow_eviction: bool = field(default=False, metadata={
         "help": "run even when Redis may evict keys (maxmemory-policy allkeys-*): uploads could vanish"})
+    allow_other_groups: bool = field(default=False, metadata={
+        "help": "run even when another consumer group reads the uploads stream (it would tag every upload "
+                "again if it is another tagger; trimming waits for it)"})
     prefix: str = field(default="danmul:", metadata={"help": "key prefix of the streams and result hashes"})
     group: str = field(default="danmul-taggers", metadata={"help": "consumer group on the uploads stream"})
     endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (default: AWS_ENDPOINT_URL)"})
@@ -73,6 +76,36 @@ class ServeSettings:
         "help": "requests one API replica works on at once; more wait, then get 503 (GET /health always answers)"})
     metrics_port: int = field(default=9500, metadata={"help": "per-node Prometheus endpoint (0: off)"})
     device: str | None = field(default=None, metadata={"help": "model device (default: cuda when available)"})
+
+
+    def __post_init__(self) -> None:
+        """Refuse settings that could only fail later, naming the setting (a ValueError the CLI prints)."""
+        at_least = {"consumers": 0, "min_replicas": 1, "max_replicas": self.min_replicas, "max_batch_size": 1,
+                    "top_k": 1, "max_in_flight": 1, "max_in_flight_bytes": 1 << 20, "max_entry_bytes": 1 << 10,
+                    "max_deliveries": 1, "result_ttl_s": 0, "max_request_bytes": 1 << 10,
+                    "http_max_concurrency": 1, "metrics_port": 0}  # fmt: skip
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer of at least {low}, not {value!r}")
+        positive = ("claim_idle_s", "model_timeout_s", "trim_interval_s", "http_read_timeout_s", "replica_cpus")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, not {value!r}")
+        for name in ("batch_wait_timeout_s", "stream_retention_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                raise ValueError(f"--{name.replace('_', '-')} must be a number of at least 0, not {value!r}")
+        for name in ("tag_threshold", "character_threshold"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int | float) or not 0.0 <= value <= 1.01):
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], not {value!r}")
+        for name in ("http_port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"--{name.replace('_', '-')} must be a port number, not {getattr(self, name)!r}")
+        if not self.prefix or not self.group:
+            raise ValueError("--prefix and --group must not be empty")
 
 
 def metrics_dir(port: int) -> str:

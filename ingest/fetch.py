@@ -267,6 +267,8 @@ class ImageFetcher:
     def _local(self, path: str) -> bytes:
         if not self.roots:
             raise BadUpload(FORBIDDEN_PATH, "local paths are not enabled (no --local-roots)")
+        if "\0" in path:  # os.path.realpath and open() raise on it: a path no file has
+            raise BadUpload(UNSUPPORTED_URI, "a NUL byte in the path")
         real = os.path.realpath(path)
         if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in self.roots):
             raise BadUpload(FORBIDDEN_PATH, f"{path[:200]!r} is outside the allowed roots")

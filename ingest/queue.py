@@ -35,7 +35,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -93,6 +93,34 @@ local function id_lt(a, b)
   if #as ~= #bs then return #as < #bs end
   return as < bs
 end
+local MAX_U64 = '18446744073709551615'
+-- a decimal string plus one, as a string (Lua's numbers are doubles: ids above 2^53 lose digits)
+local function incr(digits)
+  local out, carry = {}, 1
+  for j = #digits, 1, -1 do
+    local d = string.byte(digits, j) - 48 + carry
+    carry = 0
+    if d == 10 then
+      d = 0
+      carry = 1
+    end
+    out[j] = string.char(48 + d)
+  end
+  local s = table.concat(out)
+  if carry == 1 then s = '1' .. s end
+  return s
+end
+local function fits_u64(s) return #s < 20 or (#s == 20 and s <= MAX_U64) end
+-- the smallest stream id after id (id itself when there is none)
+local function next_id(id)
+  local ms, seq = parse_id(id)
+  if not ms then return id end
+  local s = incr(seq)
+  if fits_u64(s) then return ms .. '-' .. s end
+  local m = incr(ms)
+  if fits_u64(m) then return m .. '-0' end
+  return id
+end
 local function times_delivered(key, group, id)
   local p = redis.call('XPENDING', key, group, id, id, 1)
   if #p == 0 then return nil end
@@ -102,17 +130,26 @@ local function holds(key, kind)
   local t = redis.call('TYPE', key)['ok']
   return t == 'none' or t == kind
 end
+-- what an entry costs a consumer: its bytes, plus a fixed cost per field (an entry of a million empty
+-- fields is not 8 bytes to the process that holds it)
 local function entry_size(fields)
-  local n = 0
+  local n = #fields * @HALF_FIELD_COST@
   for i = 1, #fields do n = n + #fields[i] end
   return n
+end
+-- why an entry cannot be read (too many fields or bytes), or nil
+local function unreadable(fields, max_entry)
+  if #fields > 2 * @MAX_ENTRY_FIELDS@ then return (#fields / 2) .. ' fields > @MAX_ENTRY_FIELDS@' end
+  local size = entry_size(fields)
+  if size > max_entry then return 'upload entry of ' .. size .. ' bytes > ' .. max_entry end
+  return nil
 end
 local RESERVED = {post_id = true, upload_id = true, reason = true, detail = true, attempts = true}
 -- a dead letter's fields: ours first, then the upload's own, capped in number and size (an inline image up
 -- to max_image bytes is kept so it can be re-enqueued; any larger value is replaced by its size)
 local function dead_fields(id, fields, reason, detail, attempts, max_fields, max_value, max_image)
   local e = {'post_id', '', 'upload_id', id, 'reason', reason, 'detail', detail, 'attempts', tostring(attempts)}
-  local copied, omitted = 0, 0
+  local copied, omitted, image_seen = 0, 0, false
   for i = 1, #fields - 1, 2 do
     local name, value = fields[i], fields[i + 1]
     if name == 'post_id' then
@@ -121,7 +158,10 @@ local function dead_fields(id, fields, reason, detail, attempts, max_fields, max
       omitted = omitted + 1
     else
       local limit = max_value
-      if name == 'image' then limit = max_image end
+      if name == 'image' and not image_seen then  -- the first image field only: a dead letter stays small
+        limit = max_image
+        image_seen = true
+      end
       if #value <= limit then
         e[#e + 1] = name
         e[#e + 1] = value
@@ -209,9 +249,8 @@ for _ = 1, tonumber(ARGV[3]) do
   local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
   if not r then break end
   local id, fields = r[1][2][1][1], r[1][2][1][2]
-  local size = entry_size(fields)
-  if size > tonumber(ARGV[4]) then
-    local detail = 'upload entry of ' .. size .. ' bytes > ' .. ARGV[4]
+  local detail = unreadable(fields, tonumber(ARGV[4]))
+  if detail then
     local e = dead_fields(id, fields, 'too_large', detail, 1, tonumber(ARGV[7]), tonumber(ARGV[8]),
                           tonumber(ARGV[9]))
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', unpack(e))
@@ -219,6 +258,7 @@ for _ = 1, tonumber(ARGV[3]) do
     dead[#dead + 1] = {id, 'too_large', detail}
     break
   end
+  local size = entry_size(fields)
   out[#out + 1] = {id, fields, size}
   total = total + size
   if total >= tonumber(ARGV[5]) then break end
@@ -276,8 +316,9 @@ for _ = 1, tonumber(ARGV[5]) do
       if #c > 0 then
         local fields = c[1][2]
         local size = entry_size(fields)
-        if size > tonumber(ARGV[6]) then
-          bury(id, fields, 'too_large', 'upload entry of ' .. size .. ' bytes > ' .. ARGV[6], delivered + 1, true)
+        local why = unreadable(fields, tonumber(ARGV[6]))
+        if why then
+          bury(id, fields, 'too_large', why, delivered + 1, true)
         else
           out[#out + 1] = {id, fields, size, delivered + 1}
           total = total + size
@@ -292,17 +333,31 @@ return {cursor, out, dead}
 
 # Heartbeat: reset the idle time of uploads this consumer is still working on (XCLAIM JUSTID neither counts
 # a delivery nor loads the entry), so a slow upload is not reclaimed from under a live consumer. Only
-# entries still pending to this consumer are touched. KEYS: uploads. ARGV: group, consumer, ids...
-_TOUCH_LUA = """
-local n = 0
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+# entries still pending to this consumer are touched; one deleted from the stream meanwhile (which XCLAIM
+# drops from the pending list) gets its `deleted` dead letter here. KEYS: uploads, dead, attempts. ARGV:
+# group, consumer, dead maxlen, max_fields, max_value, max_image, ids... Returns {touched, deleted ids}.
+_TOUCH_LUA = _LUA_COMMON + """
+if not holds(KEYS[2], 'stream') or not holds(KEYS[3], 'hash') then
+  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream or attempts hash holds another type')
+end
+local n, gone = 0, {}
+for i = 7, #ARGV do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
   if #p == 1 and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-    n = n + 1
+    -- XCLAIM drops an entry deleted from the stream from the pending list: its dead letter, now
+    if #redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID') == 0 then
+      local e = dead_fields(id, {}, 'deleted', 'deleted from the uploads stream while pending', p[1][4],
+                            tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(e))
+      redis.call('HDEL', KEYS[3], id)
+      gone[#gone + 1] = id
+    else
+      n = n + 1
+    end
   end
 end
-return n
+return {n, gone}
 """
 
 # Retention: trim acknowledged uploads older than keep_ms, and never an entry at or above the oldest one any
@@ -314,8 +369,7 @@ local floor = nil
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local info = {}
   for i = 1, #g - 1, 2 do info[g[i]] = g[i + 1] end
-  local ms, seq = parse_id(info['last-delivered-id'])
-  local need = string.format('%s-%d', ms, tonumber(seq) + 1)  -- everything up to the last delivered one
+  local need = next_id(info['last-delivered-id'])  -- everything up to the last delivered one
   local p = redis.call('XPENDING', KEYS[1], info['name'])
   if p[1] > 0 and id_lt(p[2], need) then need = p[2] end
   if floor == nil or id_lt(need, floor) then floor = need end
@@ -328,6 +382,13 @@ local cutoff = string.format('%d-0', cutoff_ms)
 if id_lt(cutoff, floor) then floor = cutoff end
 return redis.call('XTRIM', KEYS[1], 'MINID', floor)
 """
+
+
+ENTRY_FIELD_COST = 64  # bytes an entry's field costs a consumer beyond its name and value
+MAX_ENTRY_FIELDS = 256  # an entry with more fields is dead-lettered (too_large) unread
+for _name in ("_DEAD_LUA", "_COMPLETE_LUA", "_READ_LUA", "_CLAIM_LUA", "_TOUCH_LUA", "_TRIM_LUA"):
+    globals()[_name] = globals()[_name].replace("@HALF_FIELD_COST@", str(ENTRY_FIELD_COST // 2)).replace(
+        "@MAX_ENTRY_FIELDS@", str(MAX_ENTRY_FIELDS))
 
 
 @dataclass(frozen=True)
@@ -479,6 +540,10 @@ def connect(url: str, asyncio: bool = False, socket_timeout: float = 30.0, retri
     ``REDIS_CA_FILE``, else the system's CAs). The socket timeout is longer than any blocking call we
     make (redis-py 8's default of 5 s would cut them short); connection errors are retried with backoff,
     refused credentials are not (they raise ``AUTH_ERRORS`` at once)."""
+    _, userinfo, _ = _split_userinfo(url)
+    if userinfo is not None and any(c in userinfo for c in "/?#@"):
+        raise RedisSetupError("the Redis URL's user or password holds an unencoded '/', '?', '#' or '@': "
+                              "percent-encode it, or pass the password as REDIS_PASSWORD")
     kwargs: dict[str, Any] = dict(
         socket_timeout=socket_timeout, socket_connect_timeout=10.0,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries),
@@ -503,20 +568,32 @@ def connect(url: str, asyncio: bool = False, socket_timeout: float = 30.0, retri
     return (aioredis.Redis if asyncio else redis.Redis)(connection_pool=pool)
 
 
-_SECRET_QUERY = ("password", "pass", "passwd", "pwd", "secret", "token", "auth", "requirepass")
+_SECRET_QUERY = ("password", "pass", "passwd", "pwd", "secret", "token", "auth", "requirepass", "ssl_password")
+
+
+def _split_userinfo(url: str) -> tuple[str, str | None, str]:
+    """``scheme://userinfo@rest`` -> (``scheme://``, userinfo or None, rest). The userinfo ends at the
+    *last* ``@`` of the URL, so a password with an unencoded ``/``, ``?``, ``#`` or ``@`` (common in
+    generated ones) is still found whole, where a URL parser would cut it and leak the rest."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "", None, url
+    if "@" not in rest:
+        return scheme + sep, None, rest
+    userinfo, _, rest = rest.rpartition("@")
+    return scheme + sep, userinfo, rest
 
 
 def _strip_secrets(url: str, replacement: str | None) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
+    head, userinfo, rest = _split_userinfo(url)
+    if userinfo is not None:
         user, has_password, _ = userinfo.partition(":")
         if has_password:
-            netloc = f"{user}:{replacement}@{hostport}" if replacement is not None else (
-                f"{user}@{hostport}" if user else hostport)  # fmt: skip
+            userinfo = f"{user}:{replacement}" if replacement is not None else user
+        rest = f"{userinfo}@{rest}" if userinfo else rest
+    path, q, query = rest.partition("?")
     pairs = []
-    for pair in parts.query.split("&"):
+    for pair in query.split("&"):
         if not pair:
             continue
         name = pair.partition("=")[0]
@@ -525,7 +602,7 @@ def _strip_secrets(url: str, replacement: str | None) -> str:
                 pairs.append(f"{name}={replacement}")
         else:
             pairs.append(pair)
-    return urlunsplit(parts._replace(netloc=netloc, query="&".join(pairs)))
+    return head + path + (q + "&".join(pairs) if pairs else "")
 
 
 def redact(url: str) -> str:
@@ -546,12 +623,49 @@ def without_password(url: str) -> str:
 EVICTING = "allkeys-"  # maxmemory policies that may evict any key, streams included
 
 
-def check_server(client, keys: Keys, allow_eviction: bool = False, cluster: bool = False) -> list[str]:
+# Every command the scripts and the consumer use, tried read-only (or on a missing probe key) under the
+# caller's ACL: a user who may not run one fails at start-up, not mid-stream. KEYS: uploads, probe key.
+_PROBE_LUA = """
+local denied = {}
+local function try(...)
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r['err'] and (string.find(r['err'], 'NOPERM', 1, true)
+      or string.find(r['err'], "can't run this command", 1, true)) then
+    denied[#denied + 1] = string.lower((...))
+  end
+end
+try('TYPE', KEYS[1])
+try('XLEN', KEYS[1])
+try('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+try('XINFO', 'GROUPS', KEYS[2])
+try('XPENDING', KEYS[2], 'g')
+try('XREADGROUP', 'GROUP', 'g', 'c', 'COUNT', 1, 'STREAMS', KEYS[2], '>')
+try('XAUTOCLAIM', KEYS[2], 'g', 'c', 0, '0-0', 'COUNT', 1, 'JUSTID')
+try('XCLAIM', KEYS[2], 'g', 'c', 0, '0-0', 'JUSTID')
+try('XACK', KEYS[2], 'g', '0-1')
+try('XADD', KEYS[2], 'NOMKSTREAM', '*', 'f', 'v')
+try('XTRIM', KEYS[2], 'MINID', '0-0')
+try('XGROUP', 'CREATE', KEYS[2], 'g', '$')
+try('HGET', KEYS[2], 'f')
+try('HDEL', KEYS[2], 'f')
+try('HSET', KEYS[2], 'f', 'v')
+try('EXPIRE', KEYS[2], 1)
+try('DEL', KEYS[2])
+try('TIME')
+return denied
+"""
+
+
+def check_server(client, keys: Keys, allow_eviction: bool = False, cluster: bool = False, group: str | None = None,
+                 allow_other_groups: bool = False) -> list[str]:
     """Refuse a Redis the tagger cannot keep its promise on (raises :class:`RedisSetupError` with what to
     change); returns warnings worth a log line. Sync client. Checks: the credentials work (PING and the
     commands the protocol needs), Redis is 7.0 or newer (XAUTOCLAIM's deleted-entry list, consumer-group
-    lag), the eviction policy cannot evict the uploads stream, and on a cluster the prefix carries a hash
-    tag. Connection errors propagate (Redis may just be starting)."""
+    lag), the eviction policy cannot evict the uploads stream, on a cluster the prefix carries a hash
+    tag, the user may run every command the protocol needs, danmul's keys hold the right types, and (with
+    ``group``) no other consumer group reads the uploads stream: a second group would tag every upload
+    again and hold back trimming (``allow_other_groups`` when another reader is meant to be there).
+    Connection errors propagate (Redis may just be starting)."""
     warnings: list[str] = []
     try:
         client.ping()
@@ -586,12 +700,36 @@ def check_server(client, keys: Keys, allow_eviction: bool = False, cluster: bool
         raise RedisSetupError(f"on a Redis Cluster the key prefix must carry a hash tag so every key of an upload "
                               f"lives in one slot: use --prefix '{{{keys.prefix.rstrip(':')}}}:' instead of "
                               f"{keys.prefix!r}")
-    try:  # scripts on danmul's keys, read-only: an ACL that forbids them fails here, not mid-stream
-        client.eval("return redis.call('EXISTS', KEYS[1])", 1, keys.uploads)
+    try:  # scripts on danmul's keys: an ACL that forbids a command fails here, not mid-stream
+        denied = client.eval(_PROBE_LUA, 2, keys.uploads, f"{keys.prefix}probe")
     except AUTH_ERRORS as e:
         raise RedisSetupError(f"the Redis user may not use danmul's keys or commands ({e}): it needs the "
                               f"stream, hash and scripting commands on {keys.prefix}*") from None
+    if denied:
+        raise RedisSetupError(f"the Redis user may not run {', '.join(_text(d).upper() for d in denied)} on "
+                              f"{keys.prefix}*: danmul's scripts need them")
+    kinds = {keys.uploads: "stream", keys.results: "stream", keys.dead: "stream", keys.attempts: "hash"}
+    for key, kind in kinds.items():
+        found = _text(client.type(key))
+        if found not in ("none", kind):
+            raise RedisSetupError(f"{key} holds a {found}, not a {kind}: danmul cannot write there. Rename or "
+                                  "delete it, or choose another --prefix")
+    if group is not None and found_stream(client, keys):
+        others = [_text(g["name"]) for g in client.xinfo_groups(keys.uploads) if _text(g["name"]) != group]
+        if others and not allow_other_groups:
+            raise RedisSetupError(
+                f"{keys.uploads} is read by other consumer group(s) {others}: a tagger in group {group!r} would "
+                "tag every upload a second time, and trimming waits for every group. Use --group "
+                f"{others[0]!r}, remove the old group (XGROUP DESTROY {keys.uploads} NAME), or pass "
+                "--allow-other-groups if another reader is meant to be there")
+        if others:
+            warnings.append(f"other consumer group(s) {others} read {keys.uploads}: the stream is trimmed only "
+                            "below what every group has read")
     return warnings
+
+
+def found_stream(client, keys: Keys) -> bool:
+    return _text(client.type(keys.uploads)) == "stream"
 
 
 # -- one-round-trip commands (sync or async client) -------------------------------------------------------
@@ -771,42 +909,37 @@ class AsyncUploadQueue:
         if it never succeeds (and ``replica_died`` or nothing at all makes it ``poison``)."""
         await self.client.hset(self.keys.attempts, entry_id, reason)
 
-    async def touch(self, entry_ids: list[str]) -> int:
-        """Tell the group these uploads are still being worked on (reset their idle time); returns how many
-        were still this consumer's."""
+    async def touch(self, entry_ids: list[str]) -> tuple[int, list[str]]:
+        """Tell the group these uploads are still being worked on (reset their idle time). Returns how many
+        were still this consumer's, and the ids of those deleted from the stream meanwhile (now ended as
+        ``deleted`` dead letters: the work on them is moot)."""
         if not entry_ids:
-            return 0
-        return int(await self._touch(keys=[self.keys.uploads], args=[self.group, self.consumer, *entry_ids]))
+            return 0, []
+        keys = [self.keys.uploads, self.keys.dead, self.keys.attempts]
+        n, gone = await self._touch(keys=keys, args=[self.group, self.consumer, *self._dead_caps, *entry_ids])
+        return int(n), [_text(i) for i in gone]
 
     async def trim(self, keep_s: float) -> int:
         """Trim acknowledged uploads older than ``keep_s`` (never one a group still needs); returns how many."""
         return int(await self._trim(keys=[self.keys.uploads], args=[int(keep_s * 1000)]))
 
     async def stats(self) -> GroupStats:
+        """The group's counts (XINFO GROUPS and XLEN only: XINFO STREAM would send the stream's first and
+        last entries, which may be the largest ones)."""
         try:
             groups = await self.client.xinfo_groups(self.keys.uploads)
-            stream = await self.client.xinfo_stream(self.keys.uploads)
         except redis.ResponseError as e:
             if "no such key" in str(e).lower():
                 return GroupStats(0, 0, 0)
             raise
+        length = int(await self.client.xlen(self.keys.uploads))
         for g in groups:
             if _text(g["name"]) == self.group:
                 lag = g.get("lag")
-                deleted = _text(stream.get("max-deleted-entry-id", "0-0"))
-                last = _text(g.get("last-delivered-id", "0-0"))
-                lost = _id_key(deleted) > _id_key(last)
-                return GroupStats(int(g["pending"]), -1 if lag is None else int(lag), int(g["consumers"]),
-                                  int(stream.get("length", 0)), lost)  # fmt: skip
-        return GroupStats(0, -1, 0, int(stream.get("length", 0)))
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        return (0, 0)
+                # Redis cannot count the lag once entries the group has not read were deleted
+                return GroupStats(int(g["pending"]), -1 if lag is None else int(lag), int(g["consumers"]), length,
+                                  lag is None and length > 0)  # fmt: skip
+        return GroupStats(0, -1, 0, length)
 
 
 def result_fields(prediction: Mapping[str, Any], processed_at: float | None = None) -> dict[str, str]:

@@ -78,7 +78,8 @@ def check_redis(s: ServeSettings, log=print) -> None:
 
     client = connect(s.redis, ca_file=s.redis_ca_file, cluster=s.redis_cluster, retries=0)
     try:
-        for warning in check_server(client, Keys(s.prefix), s.allow_eviction, s.redis_cluster):
+        for warning in check_server(client, Keys(s.prefix), s.allow_eviction, s.redis_cluster, s.group,
+                                    s.allow_other_groups):
             log(f"warning: {warning}")
     except (ConnectionError, TimeoutError, OSError) as e:
         log(f"warning: Redis at {redact(s.redis)} is not reachable yet ({type(e).__name__}: {e}); the consumers "

@@ -118,8 +118,9 @@ def test_hostile_uploads_batched_with_good_ones(ray_cluster, module_redis, tiny_
         add_good(100 + n)
     image = tiny_rows[0]["image"]
     many = {f"field{i}": f"value{i}" for i in range(5000)}
-    add("result", {"post_id": "6001", "image": image, **many})  # thousands of fields around a good image
-    add("missing_image", {"post_id": "6002", **many})  # ... or around nothing: a capped dead letter
+    add("result", {"post_id": "6000", "image": image, **dict(list(many.items())[:200])})  # fields around an image
+    add("too_large", {"post_id": "6001", "image": image, **many})  # thousands of fields: dead-lettered unread
+    add("too_large", {"post_id": "6002", **many})  # ... a capped dead letter either way
     add("too_large", {"post_id": "6003", "image": b"\xff" * (50 * MB)})  # a 50 MB entry: dead-lettered unread
     add("bad_post_id", {"post_id": "9" * 100_000, "image": image})
     add("missing_post_id", {"image": image, b"\xff\xfe": b"\x00" * 10})

@@ -56,14 +56,15 @@ scrape_configs:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         s = ServeSettings(checkpoint=tiny_checkpoint, redis=redis_server.url, http_port=http_port,
-                          metrics_port=metrics_port, allow_http=True, claim_idle_s=1, max_deliveries=2)
+                          metrics_port=metrics_port, claim_idle_s=1, max_deliveries=2, allowed_buckets="offline",
+                          endpoint_url=f"http://127.0.0.1:{free_port()}")  # object storage that is down
         deploy(s)
         c = redis.Redis(port=redis_server.port)
         keys = Keys()
         for i, r in enumerate(tiny_rows * 2):
             enqueue(c, keys, 30_000 + i, image=r["image"], tags=r["tags"] if i % 2 else None)
         enqueue(c, keys, 1, image=b"not an image")  # a dead letter
-        enqueue(c, keys, 2, image_uri="http://127.0.0.1:9/nothing.jpg")  # retried, then dead-lettered
+        enqueue(c, keys, 2, image_uri="s3://offline/nothing.jpg")  # retried, then dead-lettered
         base = f"http://127.0.0.1:{http_port}"
         assert requests.post(f"{base}/evaluate", files={"file": ("a.jpg", tiny_rows[0]["image"])}, timeout=60).ok
         assert requests.post(f"{base}/v1/tag", data=tiny_rows[0]["image"], timeout=60,

@@ -49,21 +49,29 @@ def pending(c: redis.Redis) -> int:
     return c.xpending(Keys().uploads, "g")["pending"]
 
 
-def test_thousands_of_fields_and_no_image_end_as_one_capped_dead_letter(redis_server):
-    """Lua's unpack limit made the old dead-letter script fail after its XACK: acknowledged, then lost."""
+def test_hundreds_of_fields_and_no_image_end_as_one_capped_dead_letter(redis_server):
+    """Lua's unpack limit made the old dead-letter script fail after its XACK: acknowledged, then lost. Now
+    a dead letter copies at most 32 of an upload's fields, and an entry of thousands of fields is
+    dead-lettered as too_large when it is read, never sent to a consumer."""
     keys = Keys()
 
     async def scenario(q, c):
-        c.xadd(keys.uploads, {"post_id": "5", **{f"f{i}": "v" * 10 for i in range(5000)}})
-        [u] = (await q.read(10, MB)).uploads
-        assert len(u.fields) == 5001
+        c.xadd(keys.uploads, {"post_id": "5", **{f"f{i}": "v" * 10 for i in range(200)}})
+        c.xadd(keys.uploads, {"post_id": "6", **{f"f{i}": "v" * 10 for i in range(5000)}})
+        first = await q.read(10, MB)
+        [u] = first.uploads
+        assert len(u.fields) == 201
         assert await q.dead_letter(u, "missing_image", "neither image_uri nor image")
-        return c.xrange(keys.dead)
+        return first.dead + (await q.read(10, MB)).dead
 
-    [(_, dead)] = run(redis_server.url, scenario)
+    [unread] = run(redis_server.url, scenario)
     c = redis.Redis(port=redis_server.port)
-    assert dead[b"reason"] == b"missing_image" and dead[b"post_id"] == b"5"
-    assert dead[b"omitted_fields"] == str(5000 - 32).encode() and len(dead) <= 5 + 32 + 1
+    assert unread.reason == "too_large" and "5001 fields" in unread.detail
+    by_post = {e[b"post_id"]: e for _, e in c.xrange(keys.dead)}
+    first, second = by_post[b"5"], by_post[b"6"]
+    assert first[b"reason"] == b"missing_image"
+    assert first[b"omitted_fields"] == str(200 - 32).encode() and len(first) <= 5 + 32 + 1
+    assert second[b"post_id"] == b"6" and second[b"omitted_fields"] == str(5000 - 32).encode()
     assert pending(c) == 0
 
 
@@ -275,6 +283,8 @@ def test_cluster_prefix_needs_a_hash_tag(redis_server):
 
 def test_redact_and_config_urls_hide_every_form_of_password():
     cases = {
+        "redis://u:pa/ss?x#y@h:1/0": "redis://u:***@h:1/0",  # unencoded characters a URL parser would cut at
+        "rediss://h/0?ssl_password=s3cret": "rediss://h/0?ssl_password=***",
         "rediss://user:s3cret@redis.example:6380/0": "rediss://user:***@redis.example:6380/0",
         "redis://:s3cret@h/0": "redis://:***@h/0",
         "redis://h:6379/0?password=s3cret&db=1": "redis://h:6379/0?password=***&db=1",
@@ -286,6 +296,9 @@ def test_redact_and_config_urls_hide_every_form_of_password():
         assert "s3cret" not in without_password(url) and "***" not in without_password(url)
     assert without_password("rediss://danmul:s3cret@h:6380/0?password=x&ssl_cert_reqs=required") == \
         "rediss://danmul@h:6380/0?ssl_cert_reqs=required"
+    with pytest.raises(RedisSetupError, match="percent-encode") as e:  # redis-py would mis-parse it, and print it
+        connect("redis://u:pa/ss@h:1/0")
+    assert "pa/ss" not in str(e.value)
 
 
 
@@ -298,9 +311,9 @@ def test_uploads_being_worked_on_are_touched_so_they_are_not_reclaimed(redis_ser
         slow, stale = (await q.read(64, MB)).uploads
         other = AsyncUploadQueue(q.client, keys, "g", "b")
         await asyncio.sleep(0.1)
-        touched = await q.touch([slow.entry_id])
+        touched, _ = await q.touch([slow.entry_id])
         got = await other.reclaim(min_idle_ms=50, count=64, budget_bytes=MB, max_deliveries=5)
-        late = await q.touch([stale.entry_id])  # b owns it now: a's heartbeat must not take it back
+        late, _ = await q.touch([stale.entry_id])  # b owns it now: a's heartbeat must not take it back
         return touched, [u.entry_id for u in got.uploads], stale.entry_id, late
 
     touched, reclaimed, stale, late = run(redis_server.url, scenario)
@@ -328,3 +341,114 @@ def test_tls_redis_is_verified_against_the_given_ca(tmp_path, monkeypatch):
             check_server(connect(url, retries=0), Keys())
         with pytest.raises(RedisSetupError, match="does not exist"):
             connect(url, ca_file=str(tmp_path / "missing.crt"))
+
+
+def test_an_entry_deleted_while_being_worked_on_is_dead_lettered_by_the_heartbeat(redis_server):
+    """XCLAIM (the heartbeat) drops a deleted entry from the pending list; the script dead-letters it there,
+    so the upload is not lost between the heartbeat and the result write."""
+    keys = Keys()
+
+    async def scenario(q, c):
+        enqueue(c, keys, 1, image=b"x")
+        [u] = (await q.read(64, MB)).uploads
+        c.xdel(keys.uploads, u.entry_id)  # an operator trims the stream while the upload is in flight
+        touched, gone = await q.touch([u.entry_id])
+        late = await q.complete(u, 1, result_fields(PRED), {})
+        return u.entry_id, touched, gone, late
+
+    eid, touched, gone, late = run(redis_server.url, scenario)
+    c = redis.Redis(port=redis_server.port)
+    [(_, dead)] = c.xrange(keys.dead)
+    assert (touched, gone, late) == (0, [eid], 0)
+    assert dead[b"reason"] == b"deleted" and dead[b"upload_id"].decode() == eid
+    assert c.xlen(keys.results) == 0 and pending(c) == 0
+
+
+def test_trimming_copes_with_the_largest_stream_ids(redis_server):
+    keys = Keys()
+
+    async def scenario(q, c):
+        c.xadd(keys.uploads, {"post_id": "1", "image": "x"}, id="1000-18446744073709551615")
+        [u] = (await q.read(64, MB)).uploads
+        await q.complete(u, 1, result_fields(PRED), {})
+        return await q.trim(keep_s=0)
+
+    assert run(redis_server.url, scenario) == 1
+
+
+def test_entries_with_too_many_fields_are_dead_lettered_unread_and_fields_cost_bytes(redis_server):
+    keys = Keys()
+
+    async def scenario(q, c):
+        c.xadd(keys.uploads, {f"f{i}": "" for i in range(1000)})  # 1,000 empty fields: about 6 KB of names
+        c.xadd(keys.uploads, {"post_id": "2", **{f"f{i}": "" for i in range(100)}})
+        return await q.read(64, MB), await q.read(64, MB)  # an unreadable entry ends the read it is met in
+
+    first, second = run(redis_server.url, scenario)
+    [dead] = first.dead
+    assert dead.reason == "too_large" and "1000 fields" in dead.detail
+    [u] = second.uploads
+    assert u.size >= 101 * 64  # every field costs the consumer something
+    c = redis.Redis(port=redis_server.port)
+    [(_, entry)] = c.xrange(Keys().dead)
+    assert int(entry[b"omitted_fields"]) == 1000 - 32
+
+
+def test_a_dead_letter_keeps_one_inline_image_at_most(redis_server):
+    keys = Keys()
+
+    async def scenario(q, c):
+        fields = [("post_id", b"3")] + [("image", b"i" * 300_000)] * 10  # repeated names are allowed in XADD
+        c.execute_command("XADD", keys.uploads, "*", *[x for kv in fields for x in kv])
+        [u] = (await q.read(64, 10 * MB)).uploads
+        return await q.dead_letter(u, "not_an_image")
+
+    assert run(redis_server.url, scenario)
+    [(_, entry)] = redis.Redis(port=redis_server.port).xrange(Keys().dead)
+    assert len(entry[b"image"]) == 300_000 and entry[b"image_bytes"] == b"300000"  # the rest by their size
+    assert sum(len(v) for v in entry.values()) < 400_000
+
+
+def test_stats_never_fetch_entry_bodies(redis_server):
+    keys = Keys()
+
+    async def scenario(q, c):
+        enqueue(c, keys, 1, image=b"x" * (8 * MB))  # the stream's first and last entry
+        before = c.info("stats")["total_net_output_bytes"]
+        stats = await q.stats()
+        return stats, c.info("stats")["total_net_output_bytes"] - before
+
+    stats, sent = run(redis_server.url, scenario)
+    assert stats.length == 1 and stats.lag == 1 and sent < 64 << 10
+
+
+def test_start_up_refuses_what_would_stop_the_stream_later(redis_server):
+    c = redis.Redis(port=redis_server.port)
+    keys = Keys()
+    client = connect(redis_server.url)
+    c.set(keys.dead, "an operator's string")
+    with pytest.raises(RedisSetupError, match="danmul:dead holds a string"):
+        check_server(client, keys)
+    c.delete(keys.dead)
+    enqueue(c, keys, 1, image=b"x")
+    c.xgroup_create(keys.uploads, "old-taggers", id="0")
+    with pytest.raises(RedisSetupError, match="old-taggers"):  # a second group would tag everything again
+        check_server(client, keys, group="danmul-taggers")
+    [warning] = check_server(client, keys, group="danmul-taggers", allow_other_groups=True)
+    assert "old-taggers" in warning
+    assert check_server(client, keys, group="old-taggers") == []
+    c.acl_setuser("limited", enabled=True, passwords=["+pw"], keys=["danmul:*"], channels=["*"],
+                  commands=["+@all", "-xtrim"])
+    with pytest.raises(RedisSetupError, match="XTRIM"):
+        check_server(connect(f"redis://limited:pw@127.0.0.1:{redis_server.port}/0"), keys)
+
+
+def test_settings_that_could_only_fail_later_are_refused():
+    from deploy.settings import ServeSettings
+
+    cases = {"top-k": {"top_k": 0}, "max-deliveries": {"max_deliveries": 0}, "claim-idle-s": {"claim_idle_s": 0},
+             "tag-threshold": {"tag_threshold": 2.0}, "max-in-flight": {"max_in_flight": -1},
+             "max-replicas": {"min_replicas": 2, "max_replicas": 1}, "prefix": {"prefix": ""}}  # fmt: skip
+    for name, bad in cases.items():
+        with pytest.raises(ValueError, match=name):
+            ServeSettings(checkpoint="m", **bad)

@@ -22,14 +22,31 @@ KEYS = Keys("{danmul}:")
 PRED = {"characters": [["miku", 0.9]], "tags": {"solo": 0.8}, "model": "abc", "abstained": False}
 
 
+def cluster_port() -> int:
+    """A free port with a free cluster-bus port (port + 10,000, so at most 55,535)."""
+    import socket
+
+    while True:
+        port = free_port()
+        if port > 55_535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Three masters, no replicas, all 16384 slots assigned; yields a node URL."""
     servers = []
     for _ in range(3):
         folder = tmp_path_factory.mktemp("node")
-        servers.append(RedisServer(str(folder), args=["--cluster-enabled", "yes", "--cluster-config-file",
-                                                      str(folder / "nodes.conf"), "--cluster-node-timeout", "5000"]))
+        args = ["--cluster-enabled", "yes", "--cluster-config-file", str(folder / "nodes.conf"),
+                "--cluster-node-timeout", "5000"]
+        servers.append(RedisServer(str(folder), cluster_port(), args=args))
     for s in servers:
         s.start()
     try:
