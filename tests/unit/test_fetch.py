@@ -50,6 +50,7 @@ def test_fetcher_rules(tmp_path):
     f = ImageFetcher([str(root)], max_bytes=100)
     assert f.fetch(str(root / "1.jpg")) == b"data" and f.fetch(f"file://{root}/1.jpg") == b"data"
     cases = {
+        str(root / "1.jpg") + "\0.png": "unsupported_uri",  # a NUL: no file has it (realpath would raise)
         str(tmp_path / "secret.txt"): "forbidden_path",
         str(root / ".." / "secret.txt"): "forbidden_path",
         str(root / "escape.jpg"): "forbidden_path",  # a symlink out of the root
