@@ -55,6 +55,26 @@ def s3_bucket(s3_endpoint: str) -> str:
     return f"s3://{name}"
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray (4 logical CPUs on the 2 cores: Serve's controller, proxy and replicas share them) for
+    one test module; Serve and Ray are shut down after it."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory) -> Iterator[RedisServer]:
+    """A redis-server shared by one test module's tests (each uses keys of its own)."""
+    with RedisServer(str(tmp_path_factory.mktemp("redis"))) as server:
+        yield server
+
+
 @pytest.fixture
 def redis_server(tmp_path) -> Iterator[RedisServer]:
     """A fresh redis-server for one test (started, then stopped and its files removed with tmp_path)."""

@@ -20,17 +20,6 @@ PER_ROUND = 30
 KEYS = Keys()
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    from ray import serve
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    serve.shutdown()
-    ray.shutdown()
-
-
 def kill_actor(deployment: str, rng: random.Random) -> str:
     import ray
 

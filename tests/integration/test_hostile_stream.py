@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest.queue import Keys, enqueue, read_result
-from ray_jobs.local_redis import RedisServer, free_port
+from ray_jobs.local_redis import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MB = 1 << 20
@@ -33,23 +33,6 @@ def known_reasons() -> set[str]:
     from model.preprocess import REASONS
 
     return UPLOAD_REASONS | set(REASONS)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    from ray import serve
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    serve.shutdown()
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def module_redis(tmp_path_factory):
-    with RedisServer(str(tmp_path_factory.mktemp("redis"))) as server:
-        yield server
 
 
 def replicas(deployment: str) -> set[str]:

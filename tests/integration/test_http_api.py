@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ingest.queue import Keys, enqueue
-from ray_jobs.local_redis import RedisServer, free_port
+from ray_jobs.local_redis import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 KEYS = Keys()
@@ -39,23 +39,6 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 # -- the application, once per module (helpers as in test_stream.py) ----------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    from ray import serve
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    serve.shutdown()
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def module_redis(tmp_path_factory):
-    with RedisServer(str(tmp_path_factory.mktemp("redis"))) as server:
-        yield server
-
-
 @dataclass
 class App:
     settings: object

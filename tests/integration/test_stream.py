@@ -26,17 +26,6 @@ KEYS = Keys()
 HTTP_PORT = free_port()
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    from ray import serve
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    serve.shutdown()
-    ray.shutdown()
-
-
 @contextlib.contextmanager
 def running(settings):
     from deploy.app import deploy, undeploy
