@@ -120,6 +120,19 @@ def test_cli_writes_a_serve_config_that_builds_the_app(tmp_path):
         del os.environ["DANMUL_REDIS_URL"]
 
 
+def test_write_config_never_writes_the_redis_password(tmp_path, capsys):
+    from ray_jobs.cli import main
+
+    out = tmp_path / "serve.yaml"
+    url = "rediss://danmul:s3cret-pw@redis.internal:6380/0?password=other-pw&ssl_cert_reqs=required"
+    assert main(["serve", "--checkpoint", "s3://m/model", "--redis", url, "--write-config", str(out)]) == 0
+    text = out.read_text()
+    assert "s3cret-pw" not in text and "other-pw" not in text
+    assert yaml.safe_load(text)["applications"][0]["args"]["redis"] == \
+        "rediss://danmul@redis.internal:6380/0?ssl_cert_reqs=required"
+    assert "REDIS_PASSWORD" in capsys.readouterr().out
+
+
 # -- safe to run --------------------------------------------------------------------------------------
 
 
