@@ -22,7 +22,7 @@ DEMO_OUT ?= demo-out
 help:
 	@echo "make demo        set up, then run the whole system end to end on embedded defaults"
 	@echo "make test        set up, then run lint and every test (what CI runs)"
-	@echo "make test-fast   unit tests only (no services)"
+	@echo "make test-fast   unit tests only (no services; under a minute)"
 	@echo "make bench-build the Dan:mul build benchmark (1,000,000 metadata lines)"
 
 setup: venv system-deps
@@ -57,7 +57,7 @@ test: setup lint
 	$(BIN)/python -m pytest
 
 test-fast: venv
-	$(BIN)/python -m pytest tests/unit
+	$(BIN)/python -m pytest tests/unit -q
 
 demo: setup
 	$(BIN)/danmul demo --out $(DEMO_OUT)

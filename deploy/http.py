@@ -248,7 +248,7 @@ def parse_format(params: dict[str, str]) -> str:
 
 
 def parse_tags(params: dict[str, str]) -> list[str] | None:
-    from model.vocab import parse_tag_string
+    from ingest.tags import parse_tag_string
 
     text = params.get("tags")
     if not text:

@@ -42,6 +42,8 @@ import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from ingest.tags import parse_tag_string
+
 DEFAULT_PREFIX = "danmul:"
 DEFAULT_GROUP = "danmul-taggers"
 # Streams the platform reads are capped (approximately, which is cheap) so Redis memory stays bounded
@@ -471,8 +473,6 @@ class UploadRequest:
 
 def parse_upload(upload: Upload, max_image_bytes: int) -> UploadRequest:
     """Validate an entry's fields. Raises :class:`BadUpload` for anything that can never succeed."""
-    from model.vocab import parse_tag_string
-
     raw_id = upload.text("post_id")
     if raw_id is None or not raw_id.strip():
         raise BadUpload(MISSING_POST_ID)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model import defaults
 from model.config import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
 
 KINDS = ("none", "constant", "linear", "cosine")
@@ -28,11 +29,11 @@ KINDS = ("none", "constant", "linear", "cosine")
 
 @dataclass
 class CurriculumConfig:
-    kind: str = "cosine"
-    warmup: float = 0.1  # fraction of training with all text
-    ramp: float = 0.6  # fraction of training spent ramping up
-    max_drop: float = 0.5  # final probability of dropping the whole tag sequence
-    max_mask: float = 0.3  # final fraction of individual tags removed
+    kind: str = defaults.CURRICULUM_KIND
+    warmup: float = defaults.CURRICULUM_WARMUP  # fraction of training with all text
+    ramp: float = defaults.CURRICULUM_RAMP  # fraction of training spent ramping up
+    max_drop: float = defaults.CURRICULUM_MAX_DROP  # final probability of dropping the whole tag sequence
+    max_mask: float = defaults.CURRICULUM_MAX_MASK  # final fraction of individual tags removed
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

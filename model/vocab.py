@@ -14,9 +14,6 @@ import torch
 
 from model.config import CLS_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID
 
-MAX_TAG_LENGTH = 200  # characters; longer "tags" are not Danbooru tags
-MAX_TAGS_PER_INPUT = 1000  # tags accepted from one upload before we call it absurd
-
 
 class TagVocab:
     def __init__(self, tags: Sequence[str]):
@@ -63,19 +60,3 @@ class TagVocab:
             idx = [self._ids[t] - len(SPECIAL_TOKENS) for t in tags if t in self._ids]
             out[i, idx] = 1.0
         return out
-
-
-def parse_tag_string(text: str) -> list[str]:
-    """A space-separated Danbooru tag string from an upload -> tags. Raises ValueError on absurd
-    input (too many tags, absurdly long tags, control characters)."""
-    if len(text) > MAX_TAGS_PER_INPUT * (MAX_TAG_LENGTH + 1):
-        raise ValueError("tag string too long")
-    tags = text.split()
-    if len(tags) > MAX_TAGS_PER_INPUT:
-        raise ValueError(f"{len(tags)} tags > {MAX_TAGS_PER_INPUT}")
-    for t in tags:
-        if len(t) > MAX_TAG_LENGTH:
-            raise ValueError(f"a tag of {len(t)} characters")
-        if not t.isprintable():
-            raise ValueError("control characters in tags")
-    return list(dict.fromkeys(tags))

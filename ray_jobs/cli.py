@@ -50,7 +50,8 @@ def _bench_build(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ray_jobs.train import TrainConfig, run
+    from ray_jobs.train import run
+    from ray_jobs.train_config import TrainConfig
 
     cfg = cfgmod.resolve(TrainConfig, args, args.config)
     try:
@@ -108,9 +109,9 @@ def _tag(args: argparse.Namespace) -> int:
     import json
 
     from ingest.storage import Storage
+    from ingest.tags import parse_tag_string
     from model.preprocess import ImageError
     from model.tagger import Tagger
-    from model.vocab import parse_tag_string
 
     tagger = Tagger.from_checkpoint(Storage(args.checkpoint, args.endpoint_url), device=args.device)
     tagger.set_thresholds(tag_threshold=args.threshold)
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_data_stats)
 
     p = sub.add_parser("train", help="train with Ray Train (DDP) fed by Ray Data; resumes the same OUT/NAME")
-    from ray_jobs.train import TrainConfig
+    from ray_jobs.train_config import TrainConfig
 
     cfgmod.add_arguments(p, TrainConfig)
     p.add_argument("--config", metavar="FILE.yaml", help="settings file; flags override it")

@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,59 +31,11 @@ from ingest.storage import Storage
 from model import train as T
 from model.checkpoint import CONFIG, LABELS, METRICS, WEIGHTS, Labels, load, load_train_state, save, save_train_state
 from model.config import ModelConfig
-from model.curriculum import CurriculumConfig
-from model.losses import LossConfig
 from model.preprocess import ImageError, TrainAugment, decode, to_tensor
 from model.vocab import TagVocab
+from ray_jobs.train_config import TrainConfig
 
 FAULT_ENV = "DANMUL_TEST_FAULT"  # test-only hook: "epoch:rank:marker-file" kills that worker once
-
-
-@dataclass
-class TrainConfig:
-    data: str = field(metadata={"help": "Dan:mul dataset URI (local folder or s3://bucket/prefix)"})
-    out: str = field(metadata={"help": "where runs live (local folder or s3://...); the run is OUT/NAME"})
-    name: str = field(default="danmul", metadata={"help": "run name; the same OUT and NAME resume a run"})
-    preset: str = field(default="tiny", metadata={"help": "model preset: tiny or base"})
-    image_size: int | None = field(default=None, metadata={"help": "model input size (default: the preset's)"})
-    pretrained_image: str | None = field(default=None, metadata={"help": "safetensors ViT weights, path or s3://"})
-    epochs: int = field(default=10, metadata={"help": "training epochs"})
-    batch_size: int = field(default=64, metadata={"help": "batch size per worker"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW, warm-up then cosine)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "character cross-entropy label smoothing"})
-    tag_loss: str = field(default="asl", metadata={"help": "tag loss: asl or bce"})
-    curriculum: str = field(default="cosine", metadata={"help": "none, constant, linear or cosine"})
-    curriculum_warmup: float = field(default=0.1, metadata={"help": "share of training with all tags"})
-    curriculum_ramp: float = field(default=0.6, metadata={"help": "share of training spent ramping up"})
-    max_drop: float = field(default=0.75, metadata={"help": "final chance of dropping all tags of a sample"})
-    max_mask: float = field(default=0.5, metadata={"help": "final share of individual tags removed"})
-    workers: int = field(default=0, metadata={"help": "training workers (0: one per GPU, else 2)"})
-    gpus_per_worker: float = field(default=-1, metadata={"help": "GPUs per worker (-1: 1 if the cluster has GPUs)"})
-    cpus_per_worker: float = field(default=1, metadata={"help": "CPUs reserved per training worker"})
-    data_cpus: int = field(default=2, metadata={"help": "extra CPUs for Ray Data decoding on a local Ray"})
-    address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: start a local Ray)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "best checkpoints kept"})
-    checkpoint_metric: str = field(default="val_image_only_top1", metadata={"help": "metric that ranks checkpoints"})
-    max_failures: int = field(default=3, metadata={"help": "worker failures tolerated (restart from checkpoint)"})
-    target_precision: float = field(default=0.9, metadata={"help": "precision the abstention thresholds target"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (else AWS_ENDPOINT_URL)"})
-    metrics_port: int = field(default=0, metadata={
-        "help": "serve danmul_train_* metrics from the rank-0 worker on this port (0: off)"})
-
-    def curriculum_config(self) -> CurriculumConfig:
-        return CurriculumConfig(kind=self.curriculum, warmup=self.curriculum_warmup, ramp=self.curriculum_ramp,
-                                max_drop=self.max_drop, max_mask=self.max_mask)
-
-    def optim_config(self) -> T.OptimConfig:
-        return T.OptimConfig(lr=self.lr, weight_decay=self.weight_decay,
-                             loss=LossConfig(label_smoothing=self.label_smoothing, tag_loss=self.tag_loss))
-
-    def model_config(self, info: DatasetInfo) -> ModelConfig:
-        from ray_jobs.model_io import model_config_for
-
-        return model_config_for(info, self.preset, self.image_size, self.pretrained_image)
 
 
 # -- Ray Data: decoding on CPU tasks ------------------------------------------------------------------

@@ -12,6 +12,15 @@ import pytest
 
 from ray_jobs.local_redis import RedisServer
 
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Markers follow the folders: everything under tests/integration talks to real services and is marked
+    ``integration``; tests/unit needs none (``make test-fast`` runs it)."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
+
+
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "danmul-test",
     "AWS_SECRET_ACCESS_KEY": "danmul-test-secret",

@@ -91,7 +91,8 @@ def test_rayjobs_run_real_cli_commands_on_gpus():
         argv = shlex.split(job["spec"]["entrypoint"])
         assert argv[0] == "danmul" and argv[1] == command
         args = parser.parse_args(argv[1:])  # exits (fails the test) on an unknown option
-        settings_cls = {"train": "ray_jobs.train:TrainConfig", "backfill": "ray_jobs.backfill:BackfillConfig"}[command]
+        settings_cls = {"train": "ray_jobs.train_config:TrainConfig",
+                        "backfill": "ray_jobs.backfill:BackfillConfig"}[command]
         module, attr = settings_cls.split(":")
         cfgmod.resolve(getattr(importlib.import_module(module), attr), args)  # required settings all given
         assert gpu_groups(job["spec"]["rayClusterSpec"])

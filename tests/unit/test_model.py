@@ -11,7 +11,7 @@ from model.config import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, ModelConfig, p
 from model.losses import LossConfig, asymmetric_loss, total_loss
 from model.metrics import average_precision, character_thresholds, f1_at_balance, tag_map, topk_accuracy
 from model.network import DanmulNet, load_pretrained_image_weights
-from model.vocab import TagVocab, parse_tag_string
+from model.vocab import TagVocab
 
 TAGS = [f"tag_{i}" for i in range(30)]
 
@@ -136,14 +136,6 @@ def test_vocab_encoding():
     assert batch.tolist()[0] == [CLS_ID, 6, SEP_ID, PAD_ID, PAD_ID]
     assert torch.equal(batch[1:], cur.no_text(2, 5))
     assert vocab.multi_hot([["a", "c", "nope"]]).tolist() == [[1.0, 0.0, 1.0]]
-
-
-def test_tag_strings_from_uploads():
-    assert parse_tag_string("1girl  solo 1girl\tblue_hair") == ["1girl", "solo", "blue_hair"]
-    assert parse_tag_string("") == []
-    for absurd in ("x" * 500, " ".join(["t"] * 2000), "bad\x00tag"):
-        with pytest.raises(ValueError):
-            parse_tag_string(absurd)
 
 
 # -- losses and metrics -------------------------------------------------------------------------------

@@ -90,7 +90,6 @@ def test_no_allowed_bucket_refuses_every_s3_uri_before_any_request():
     assert not f._buckets  # refused without making a client, let alone a request
 
 
-@pytest.mark.integration
 def test_s3_buckets_and_errors_against_a_real_s3_api(s3_endpoint):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     tag = uuid.uuid4().hex[:8]
@@ -126,7 +125,6 @@ def test_s3_buckets_and_errors_against_a_real_s3_api(s3_endpoint):
         assert reason_of(anywhere, uri) == reason, uri
 
 
-@pytest.mark.integration
 def test_s3_client_cache_is_bounded(s3_endpoint):
     f = ImageFetcher()
     names = [f"absent-{i:02d}-{uuid.uuid4().hex[:8]}" for i in range(MAX_BUCKET_CLIENTS + 8)]
@@ -137,7 +135,6 @@ def test_s3_client_cache_is_bounded(s3_endpoint):
     assert names[0] in f._buckets and names[1] not in f._buckets and names[-1] in f._buckets
 
 
-@pytest.mark.integration
 def test_s3_unreachable_endpoint_is_a_retry(s3_endpoint):  # s3_endpoint: for its credentials in the environment
     f = ImageFetcher(endpoint_url=f"http://127.0.0.1:{_closed_port()}")
     with pytest.raises(FetchRetry, match="NETWORK_CONNECTION"):
@@ -149,7 +146,6 @@ def test_s3_unreachable_endpoint_is_a_retry(s3_endpoint):  # s3_endpoint: for it
                                                                                       "forbidden_bucket"),
     (400, "InvalidRequest", "unsupported_uri"), (301, "PermanentRedirect", "unsupported_uri"),
 ])  # fmt: skip
-@pytest.mark.integration
 def test_s3_error_answers_of_a_real_endpoint(s3_endpoint, status, code, outcome):
     """An S3 endpoint that answers every request with one error (what S3 says when throttling, failing,
     denying...): pyarrow's real client reports it, the fetcher classifies it."""
