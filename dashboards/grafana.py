@@ -1,7 +1,7 @@
 """Grafana dashboards as code: ``python -m dashboards.grafana`` writes ``dashboards/*.json``.
 
 Each dashboard has a Prometheus datasource variable (``${datasource}``), so it imports into any Grafana
-and points at whichever Prometheus scrapes danmul. Panels use only metrics ``deploy/metrics.py`` exports
+and points at whichever Prometheus scrapes danmul. Panels use only metrics ``dashboards/metrics.py`` exports
 (the tests check every query against the live registry, and the committed JSON against this file).
 """
 

@@ -9,182 +9,29 @@
                                   UploadConsumer ──Lua: check pending, HSET result + XADD results, XACK──> Redis
     HTTP  POST /evaluate, POST /v1/tag, GET /health ──> TaggerAPI (deploy.http) ──> TaggerModel
 
-The consumer is where the exactly-once rule lives (see ``ingest.queue`` and ``deploy.consumer``). The model
-replica's rule is isolation: whatever one image or one request does (an undecodable file, a bad parameter,
-an exception in the model) becomes that item's ``{"error": reason}``, never its batch's failure.
+One module per role: ``deploy.consumer`` (the queue consumer, where the exactly-once rule lives, with
+``ingest.queue``), ``deploy.replica`` (the model replica, whose rule is isolation: whatever one image or
+one request does becomes that item's ``{"error": reason}``, never its batch's failure), ``deploy.http``
+(the API), ``deploy.runtime`` (what every replica process shares); this module assembles them.
 Thresholds, batch size and batch wait are ``user_config`` of the model deployment, applied in
 ``reconfigure`` (with a ``serve deploy`` config file Serve does that on running replicas).
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import logging
-import math
 import os
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deploy.consumer import UploadConsumer
-from deploy.runtime import replica_env, start_metrics
+from deploy.replica import TaggerModel
+from deploy.runtime import replica_env
 from deploy.settings import ServeSettings, metrics_dir
 
-log = logging.getLogger("danmul.serve")
-
 APP_NAME = "danmul"
-MAX_TOP_K = 1000  # characters one answer may list at most (the API's own bound is tighter)
-
-
-# -- model replicas --------------------------------------------------------------------------------------
-@dataclass
-class _Item:
-    pixels: Any  # (3, S, S) tensor
-    tags: list[str] | None
-    top_k: int
-    threshold: float | None
-
-
-async def _done(value):
-    return value
-
-
-def check_request(threshold: Any, top_k: Any) -> str | None:
-    """What is wrong with a call's parameters, or None. Checked before anything joins a batch, so one
-    caller's bad value fails only its own items (the HTTP API validates first; this is the last line)."""
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
-                                  or not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0):
-        return f"threshold must be a number in [0, 1], not {str(threshold)[:40]!r}"
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K):
-        return f"top_k must be an integer in [1, {MAX_TOP_K}], not {str(top_k)[:40]!r}"
-    return None
-
-
-def _tags_ok(tags: Any) -> bool:
-    return tags is None or (isinstance(tags, list | tuple) and all(isinstance(t, str) for t in tags))
-
-
-@serve.deployment
-class TaggerModel:
-    """``Tagger`` behind dynamic batching. ``tag_many(images, tags)`` decodes in a bounded pool of threads
-    (the event loop keeps collecting requests) and each image joins a batch; a bad image or bad parameters
-    come back as that item's ``{"error": reason, "detail": ...}``."""
-
-    def __init__(self, checkpoint: str, endpoint_url: str | None = None, device: str | None = None,
-                 threads: int = 0):
-        from ingest.storage import Storage
-        from model.tagger import Tagger
-
-        self.m = start_metrics()
-        if threads:  # intra-op threads = the replica's CPUs: more would fight the consumers for the cores
-            import torch
-
-            torch.set_num_threads(threads)
-        self.tagger = Tagger.from_checkpoint(Storage(checkpoint, endpoint_url), device=device)
-        self.top_k = 5
-        # Decoding threads are bounded: each holds at most one decoded image (the pixel budget of
-        # model.preprocess), so the replica's decoding memory is bounded too.
-        self.decoders = concurrent.futures.ThreadPoolExecutor(max(2, threads + 1), thread_name_prefix="decode")
-        self.m.MODEL_INFO.labels(self.tagger.version, self.tagger.config.image_model).set(1)
-        self.m.MODEL_REPLICAS.labels(self.tagger.version).set(1)
-        log.info("model %s loaded on %s", self.tagger.version, self.tagger.device)
-
-    def reconfigure(self, config: dict) -> None:
-        """``user_config``: thresholds, top_k, batch size and wait; applied without a restart."""
-        self.tagger.set_thresholds(config.get("tag_threshold"), config.get("character_threshold"))
-        self.top_k = int(config.get("top_k", self.top_k))
-        if "max_batch_size" in config:
-            self._infer.set_max_batch_size(int(config["max_batch_size"]))
-        if "batch_wait_timeout_s" in config:
-            self._infer.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
-
-    def info(self) -> dict:
-        cfg = self.tagger.config
-        return {"model": self.tagger.version, "pid": os.getpid(), "image_size": cfg.image_size,
-                "image_model": cfg.image_model, "characters": len(self.tagger.labels.characters),
-                "tags": len(self.tagger.labels.tags)}
-
-    async def tag(self, image: bytes, tags: list[str] | None = None, threshold: float | None = None,
-                  top_k: int | None = None) -> dict:
-        """One image (the HTTP API)."""
-        [out] = await self.tag_many([image], [tags], threshold, top_k)
-        return out
-
-    async def tag_many(self, images: list[bytes], tags: list[list[str] | None], threshold: float | None = None,
-                       top_k: int | None = None) -> list[dict]:
-        """Several images in one call (a consumer's group of uploads: one Ray call, not one per upload).
-        Each image still joins the replica's dynamic batches on its own."""
-        if len(tags) != len(images):
-            tags = [*tags, *[None] * len(images)][: len(images)]
-        problem = check_request(threshold, top_k)
-        if problem:
-            return [{"error": "bad_request", "detail": problem} for _ in images]
-        loop = asyncio.get_running_loop()
-        decoded = await asyncio.gather(*[loop.run_in_executor(self.decoders, self._decode, im) for im in images])
-        k = top_k or self.top_k
-        return list(await asyncio.gather(*[
-            _done(d) if isinstance(d, dict) else
-            _done({"error": "bad_tags", "detail": "tags must be a list of strings"}) if not _tags_ok(t) else
-            self._infer(_Item(d, list(t) if t else None, k, threshold))
-            for d, t in zip(decoded, tags, strict=True)
-        ]))  # fmt: skip
-
-    def _decode(self, image: bytes) -> Any:
-        """A tensor, or ``{"error": reason}`` for anything that cannot become one (in a decode thread).
-        Whatever the bytes make PIL do, the answer is this image's error, never the replica's."""
-        from model.preprocess import ImageError
-
-        t0 = time.perf_counter()
-        try:
-            if not isinstance(image, bytes | bytearray | memoryview):
-                raise ImageError("not_an_image", f"{type(image).__name__}, not bytes")
-            out = self.tagger.preprocess(bytes(image))
-        except ImageError as e:
-            return {"error": e.reason, "detail": str(e)[:300]}
-        except Exception as e:  # MemoryError included: one image's problem
-            return {"error": "undecodable", "detail": f"{type(e).__name__}: {str(e)[:200]}"}
-        self.m.STAGE_SECONDS.labels("decode").observe(time.perf_counter() - t0)
-        return out
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _infer(self, items: list[_Item]) -> list[dict]:
-        t0 = time.perf_counter()
-        try:
-            out = self._score(items)
-        except Exception as e:  # the batch failed as a whole: find the item(s) at fault, one by one
-            log.warning("batch of %d failed (%s: %s); scoring its images one by one", len(items), type(e).__name__,
-                        str(e)[:200])
-            out = []
-            for item in items:
-                try:
-                    out += self._score([item])
-                except Exception as e1:
-                    out.append({"error": "model_error", "detail": f"{type(e1).__name__}: {str(e1)[:200]}"})
-        elapsed = time.perf_counter() - t0
-        self.m.BATCH_SIZE.observe(len(items))
-        for _ in items:
-            self.m.STAGE_SECONDS.labels("inference").observe(elapsed)
-        return out
-
-    def _score(self, items: list[_Item]) -> list[dict]:
-        import torch
-
-        pixels = torch.stack([i.pixels for i in items])  # (B, 3, S, S)
-        # on the event loop itself: a worker thread here only added GIL hand-offs (measured no faster);
-        # decoding still runs in threads, and the next batch forms when this one returns
-        chars, tag_probs = self.tagger.scores(pixels, [i.tags for i in items])
-        return [{**self.tagger.decode(c, t, item.top_k, item.threshold).to_dict(), "batch_size": len(items)}
-                for item, c, t in zip(items, chars, tag_probs, strict=True)]
-
-    def __del__(self) -> None:
-        if hasattr(self, "decoders"):
-            self.decoders.shutdown(wait=False, cancel_futures=True)
-        if hasattr(self, "m"):
-            self.m.process_exiting()
 
 
 # -- assembling the application ----------------------------------------------------------------------------
@@ -262,7 +109,7 @@ def serve_config(s: ServeSettings) -> dict:
 
 def deploy(s: ServeSettings, blocking: bool = False) -> DeploymentHandle:
     """Start (or update) the application on the connected Ray cluster; returns the API's handle."""
-    from deploy.metrics import remove_dead_files
+    from dashboards.metrics import remove_dead_files
 
     path = metrics_dir(s.metrics_port)
     os.makedirs(path, exist_ok=True)

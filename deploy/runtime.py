@@ -25,7 +25,7 @@ def start_metrics() -> Any:
     """This process's metrics module, with the node's endpoint served (by whichever process binds it first).
     Imported here, in the replica, because prometheus-client reads ``PROMETHEUS_MULTIPROC_DIR`` (set by
     :func:`replica_env`) when it is first imported."""
-    from deploy import metrics
+    from dashboards import metrics
 
     metrics.serve_node_metrics(int(os.environ.get("DANMUL_METRICS_PORT", "0")))
     return metrics

@@ -388,11 +388,9 @@ def _progress(enabled: bool, total: int):
 def _metrics(port: int) -> dict | None:
     if not port:
         return None
-    from prometheus_client import start_http_server
+    from dashboards import metrics
 
-    from deploy import metrics
-
-    start_http_server(port)
+    metrics.serve_node_metrics(port)
     return {"images": metrics.BACKFILL_IMAGES, "rate": metrics.BACKFILL_RATE}
 
 

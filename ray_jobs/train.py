@@ -228,14 +228,10 @@ def _train_metrics(port: int):
     """The ``danmul_train_*`` gauges, served on ``port`` by this (rank-0) worker; None when off."""
     if not port:
         return None
-    from prometheus_client import start_http_server
+    from dashboards import metrics
 
-    from deploy import metrics
-
-    try:
-        start_http_server(port)
-    except OSError:  # a restarted worker on the same node: the port is still the old one's for a moment
-        print(f"[danmul] metrics port {port} is taken; training metrics are not served", flush=True)
+    # a restarted worker on the same node may find the port still the old one's: it keeps trying
+    metrics.serve_node_metrics(port)
     return metrics
 
 

@@ -22,7 +22,7 @@ def exported_names() -> set[str]:
     """Every sample name the code can export, from prometheus-client's registry."""
     from prometheus_client import REGISTRY
 
-    import deploy.metrics  # noqa: F401  (defines every danmul_* metric)
+    import dashboards.metrics  # noqa: F401  (defines every danmul_* metric)
 
     names = set()
     for family in REGISTRY.collect():

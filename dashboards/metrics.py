@@ -1,4 +1,7 @@
-"""danmul's Prometheus metrics: every ``danmul_*`` metric is defined here, once.
+"""danmul's Prometheus metrics: every ``danmul_*`` metric is defined here, once, next to the dashboards
+and alert rules that chart them. Serving (``deploy``), training and backfill (``ray_jobs``) all import
+this module, and none of them imports another for it; each serves it the same way
+(:func:`serve_node_metrics`).
 
 The streaming tagger runs as several processes per node (queue consumers, model replicas, the HTTP
 API). They record with prometheus-client in multiprocess mode: each process writes its samples to
