@@ -4,10 +4,12 @@
       -> skip posts already in OUT (resume)
       -> fetch + decode + preprocess        CPU tasks (bad images become error rows, never failures; a fetch
                                             failure that may pass is counted and left for the next run)
-      -> predict                            actor pool, Tagger loaded once per actor (a GPU each if any)
-      -> write                              one results file and one errors file per block, atomically,
-                                            named by a hash of the block's post ids
-      -> (optional) result hashes in Redis  the streaming tagger's format, so a platform reads both alike
+      -> predict                            actor pool, Tagger loaded once per actor (a GPU each if any):
+                                            only predicts, returning columns
+      -> write                              tasks: one results file and one errors file per block,
+                                            atomically, named by a hash of the block's post ids, and
+                                            (optional) result hashes in Redis in the streaming tagger's
+                                            format, so a platform reads both alike
 
 Output, under OUT: ``results/part-*.parquet`` (``post_id``, ``characters`` and ``tags`` as lists of
 ``{name, score}``, ``abstained``, ``model``) and ``errors/part-*.parquet`` (``post_id``, ``image_uri``,
@@ -238,12 +240,19 @@ def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str
             "detail": np.array(details, dtype=object), "retry": retry}  # fmt: skip
 
 
-# -- predict + write (actor pool) ----------------------------------------------------------------------------
-class Predictor:
-    """Loads the ``Tagger`` once per actor; each call predicts a block and writes its files."""
+# -- predict (actor pool) -------------------------------------------------------------------------------------
+PREDICTION_SCHEMA = pa.schema([
+    ("post_id", pa.int64()), ("image_uri", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+    ("retry", pa.bool_()), *[RESULT_SCHEMA.field(n) for n in ("characters", "tags", "abstained", "model")],
+])  # fmt: skip
 
-    def __init__(self, checkpoint: str, out: str, endpoint_url: str | None, top_k: int, batch_size: int,
-                 redis_url: str | None, prefix: str):
+
+class Predictor:
+    """Loads the ``Tagger`` once per actor; each call predicts a block and returns it as columns: the
+    prediction for every row that decoded, the failure (reason, and whether it may pass) for the others.
+    Writing is the next step's (:func:`write_block`)."""
+
+    def __init__(self, checkpoint: str, endpoint_url: str | None, top_k: int, batch_size: int):
         import torch
 
         from ingest.storage import Storage
@@ -252,49 +261,77 @@ class Predictor:
         self.tagger = Tagger.from_checkpoint(Storage(checkpoint, endpoint_url), batch_size=batch_size)
         if self.tagger.device.type == "cpu":
             torch.set_num_threads(1)  # one core per predictor actor (see run)
-        self.out = Storage(out, endpoint_url)
         self.top_k = top_k
-        self.redis = None
-        if redis_url:
-            from ingest.queue import Keys, connect
 
-            self.redis, self.keys = connect(redis_url), Keys(prefix)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch
 
-        t0 = time.perf_counter()
         ok = np.array([r == "" for r in batch["reason"]], dtype=bool)
-        retry = batch["retry"].astype(bool) & ~ok
-        failed = ~ok & ~retry  # permanent: recorded as errors; a retry is recorded nowhere (a re-run tries it)
-        ids = batch["post_id"].astype(np.int64)
-        preds = []
+        n = len(ok)
+        characters: list = [None] * n
+        tags: list = [None] * n
+        abstained: list = [None] * n
+        model: list = [None] * n
         if ok.any():
-            tags = [t.split() or None for t in batch["tags"][ok]]
-            preds = self.tagger.predict_tensors(torch.from_numpy(batch["pixels"][ok]), tags, top_k=self.top_k)
-        name = hashlib.sha1(ids.tobytes()).hexdigest()[:20]  # the same block -> the same file, if retried
-        if preds:
-            self.out.write_parquet(f"{RESULTS}/part-{name}.parquet", pa.table({
-                "post_id": ids[ok],
-                "characters": [[{"name": c, "score": s} for c, s in p.characters] for p in preds],
-                "tags": [[{"name": t, "score": s} for t, s in p.tags.items()] for p in preds],
-                "abstained": [p.abstained for p in preds],
-                "model": [p.model for p in preds],
-            }, schema=RESULT_SCHEMA))  # fmt: skip
-        if failed.any():
-            self.out.write_parquet(f"{ERRORS}/part-{name}.parquet", pa.table({
-                "post_id": ids[failed], "image_uri": list(batch["image_uri"][failed]),
-                "reason": list(batch["reason"][failed]), "detail": list(batch["detail"][failed]),
-            }, schema=ERROR_SCHEMA))  # fmt: skip
-        if self.redis is not None and preds:
-            from ingest.queue import result_fields
+            given = [t.split() or None for t in batch["tags"][ok]]
+            preds = self.tagger.predict_tensors(torch.from_numpy(batch["pixels"][ok]), given, top_k=self.top_k)
+            for i, p in zip(np.nonzero(ok)[0], preds, strict=True):
+                characters[i] = [{"name": c, "score": s} for c, s in p.characters]
+                tags[i] = [{"name": t, "score": s} for t, s in p.tags.items()]
+                abstained[i], model[i] = p.abstained, p.model
+        return pa.table({
+            "post_id": batch["post_id"].astype(np.int64), "image_uri": list(batch["image_uri"]),
+            "reason": list(batch["reason"]), "detail": list(batch["detail"]),
+            "retry": batch["retry"].astype(bool) & ~ok, "characters": characters, "tags": tags,
+            "abstained": abstained, "model": model,
+        }, schema=PREDICTION_SCHEMA)  # fmt: skip
 
-            pipe = self.redis.pipeline(transaction=False)
-            for post_id, p in zip(ids[ok], preds, strict=True):
-                pipe.hset(self.keys.result(int(post_id)), mapping=result_fields(p.to_dict()))
-            pipe.execute()
-        return {"ok": np.array([int(ok.sum())]), "errors": np.array([int(failed.sum())]),
-                "retry": np.array([int(retry.sum())]), "seconds": np.array([time.perf_counter() - t0])}
+
+# -- write (tasks) ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _writer(out: str, endpoint_url: str | None, redis_url: str | None, prefix: str):
+    """The output storage and, if asked for, a Redis client: made once per worker process."""
+    from ingest.storage import Storage
+
+    client = None
+    if redis_url:
+        from ingest.queue import connect
+
+        client = connect(redis_url)
+    return Storage(out, endpoint_url), client
+
+
+def write_block(block: pa.Table, out: str, endpoint_url: str | None, redis_url: str | None,
+                prefix: str) -> dict[str, np.ndarray]:
+    """One block's results file and errors file, each written whole (named by a hash of the block's post ids,
+    so a retried block overwrites its own files), and its results in Redis if asked for; returns the block's
+    counts for the driver. A failure that may pass is recorded nowhere: a re-run tries it again."""
+    from ingest.queue import Keys, result_fields
+
+    t0 = time.perf_counter()
+    storage, client = _writer(out, endpoint_url, redis_url, prefix)
+    reason = block.column("reason").to_pylist()
+    retry = block.column("retry").to_numpy(zero_copy_only=False)
+    ok = np.array([r == "" for r in reason], dtype=bool)
+    failed = ~ok & ~retry  # permanent: recorded once as errors
+    ids = block.column("post_id").to_numpy()
+    name = hashlib.sha1(ids.tobytes()).hexdigest()[:20]
+    results = block.filter(pa.array(ok)).select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
+    if results.num_rows:
+        storage.write_parquet(f"{RESULTS}/part-{name}.parquet", results)
+    if failed.any():
+        errors = block.filter(pa.array(failed)).select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)
+        storage.write_parquet(f"{ERRORS}/part-{name}.parquet", errors)
+    if client is not None and results.num_rows:
+        keys, pipe = Keys(prefix), client.pipeline(transaction=False)
+        for row in results.to_pylist():
+            prediction = {"characters": [[c["name"], c["score"]] for c in row["characters"]],
+                          "tags": {t["name"]: t["score"] for t in row["tags"]}, "model": row["model"],
+                          "abstained": row["abstained"]}  # fmt: skip
+            pipe.hset(keys.result(row["post_id"]), mapping=result_fields(prediction))
+        pipe.execute()
+    return {"ok": np.array([int(ok.sum())]), "errors": np.array([int(failed.sum())]),
+            "retry": np.array([int(retry.sum())]), "seconds": np.array([time.perf_counter() - t0])}
 
 
 # -- the job ---------------------------------------------------------------------------------------------
@@ -342,10 +379,11 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
     ds = ds.map_batches(
         Predictor, batch_size=cfg.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
-        fn_constructor_kwargs=dict(checkpoint=cfg.checkpoint, out=cfg.out, endpoint_url=cfg.endpoint_url,
-                                   top_k=cfg.top_k, batch_size=cfg.batch_size, redis_url=cfg.redis,
-                                   prefix=cfg.prefix),
+        fn_constructor_kwargs=dict(checkpoint=cfg.checkpoint, endpoint_url=cfg.endpoint_url, top_k=cfg.top_k,
+                                   batch_size=cfg.batch_size),
     )  # fmt: skip
+    ds = ds.map_batches(write_block, batch_size=None, batch_format="pyarrow", num_cpus=0.1, fn_kwargs=dict(
+        out=cfg.out, endpoint_url=cfg.endpoint_url, redis_url=cfg.redis, prefix=cfg.prefix))
     metrics = _metrics(cfg.metrics_port)
     log(f"backfill of {total:,} images in {cfg.input} ({kind}) -> {out.uri} with {actors} predictor(s)"
         f"{' on GPUs' if gpus else ' on CPU'}, batch {cfg.batch_size}")
