@@ -7,6 +7,7 @@ A dataset is a folder or prefix holding ``dataset.json`` and ``{train,val,test}/
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -72,3 +73,10 @@ class DatasetInfo:
         d = asdict(self)
         d["tag_vocab_size"] = self.tag_vocab_size
         return json.dumps(d, indent=1, sort_keys=False)
+
+
+def post_id_from_name(path: str) -> int | None:
+    """The post id an image file is named after (Danbooru's ``512px/0123/123.jpg`` -> 123), or None when
+    the file name is not a number. One rule for every front end that takes files (enqueue, backfill)."""
+    stem = posixpath.splitext(posixpath.basename(path))[0]
+    return int(stem) if stem.isascii() and stem.isdigit() else None

@@ -88,14 +88,12 @@ def detect_kind(storage) -> str:
     return "prefix"
 
 
-def _post_id_of(rel: str) -> int:
-    stem = posixpath.splitext(posixpath.basename(rel))[0]
-    return int(stem) if stem.isdigit() else -1  # -1: becomes a bad_post_id error row
-
-
 def _file_row(uri: str) -> dict:
     """An input row for an image file of a prefix: post id from its name, fetched later by URI."""
-    return {"post_id": _post_id_of(uri), "image_uri": uri, "image": None, "tags": None}
+    from ingest.schema import post_id_from_name
+
+    post_id = post_id_from_name(uri)  # none: becomes a bad_post_id error row
+    return {"post_id": -1 if post_id is None else post_id, "image_uri": uri, "image": None, "tags": None}
 
 
 def _list_dir(row: dict, uri: str, endpoint_url: str | None) -> list[dict]:

@@ -107,8 +107,10 @@ class EnqueueSettings:
 
 
 def _post_id(path: str, fallback: int) -> int:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return int(stem) if stem.isdigit() else fallback
+    from ingest.schema import post_id_from_name
+
+    post_id = post_id_from_name(path)
+    return fallback if post_id is None else post_id
 
 
 def uploads_from(s: EnqueueSettings, sources: list[str]) -> Iterator[dict]:

@@ -46,3 +46,12 @@ def test_tag_strings_from_uploads():
     for absurd in ("x" * 500, " ".join(["t"] * 2000), "bad\x00tag"):
         with pytest.raises(ValueError):
             parse_tag_string(absurd)
+
+
+def test_post_id_from_a_file_name():
+    from ingest.schema import post_id_from_name
+
+    assert post_id_from_name("s3://archive/512px/0123/4560123.jpg") == 4560123
+    assert post_id_from_name("/uploads/7.webp") == 7
+    for name in ("cover.png", "12a.jpg", "１２３.jpg", "-5.png", ""):  # fullwidth digits are not ASCII
+        assert post_id_from_name(name) is None
