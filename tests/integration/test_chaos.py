@@ -20,10 +20,21 @@ PER_ROUND = 30
 KEYS = Keys()
 
 
-def kill_actor(deployment: str, rng: random.Random) -> str:
+def replicas(deployment: str) -> list[str]:
     import ray
 
-    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"])
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"])
+
+
+def kill_actor(deployment: str, rng: random.Random, expected: int) -> str:
+    """Kill one replica of ``deployment`` once Serve has all ``expected`` of them running again (an earlier
+    round's victim may still be restarting)."""
+    import ray
+
+    deadline = time.monotonic() + 180
+    while len(names := replicas(deployment)) < expected:
+        assert time.monotonic() < deadline, f"{deployment}: {len(names)} of {expected} replicas after 180 s"
+        time.sleep(0.5)
     victim = rng.choice(names)
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     return victim.rsplit("#", 1)[-1]
@@ -75,9 +86,9 @@ def test_chaos_rounds_keep_every_upload_exactly_once(ray_cluster, tiny_checkpoin
             time.sleep(delay)
             done_before = len(ended(c)[0])
             if victim == "consumer":
-                what = kill_actor("UploadConsumer", rng)
+                what = kill_actor("UploadConsumer", rng, s.consumers)
             elif victim == "model replica":
-                what = kill_actor("TaggerModel", rng)
+                what = kill_actor("TaggerModel", rng, s.min_replicas)
             else:
                 server.kill()  # SIGKILL: no flush; every acknowledged write is already on disk (always)
                 time.sleep(rng.uniform(0.5, 2.0))
