@@ -114,19 +114,20 @@ class UploadConsumer:
         from ingest.fetch import ImageFetcher, default_allowed_buckets
         from ingest.queue import AsyncUploadQueue, Keys, connect
 
-        self.s = ServeSettings(**settings)
+        self.settings = ServeSettings(**settings)
         self.metrics = start_metrics()
         self.model = model
         self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        keys = Keys(self.s.prefix)
+        keys = Keys(self.settings.prefix)
         self._check_redis(keys)
-        self.client = connect(self.s.redis, asyncio=True, socket_timeout=30.0, ca_file=self.s.redis_ca_file,
-                              cluster=self.s.redis_cluster)
-        self.queue = AsyncUploadQueue(self.client, keys, self.s.group, self.name, result_ttl_s=self.s.result_ttl_s,
-                                      max_entry_bytes=self.s.max_entry_bytes)
-        roots = [r for r in self.s.local_roots.split(",") if r.strip()]
-        self.fetcher = ImageFetcher(roots, self.s.allow_http, self.s.endpoint_url,
-                                    allowed_buckets=default_allowed_buckets(self.s.checkpoint, self.s.allowed_buckets))
+        s = self.settings
+        self.client = connect(s.redis, asyncio=True, socket_timeout=30.0, ca_file=s.redis_ca_file,
+                              cluster=s.redis_cluster)
+        self.queue = AsyncUploadQueue(self.client, keys, s.group, self.name, result_ttl_s=s.result_ttl_s,
+                                      max_entry_bytes=s.max_entry_bytes)
+        roots = [r for r in s.local_roots.split(",") if r.strip()]
+        self.fetcher = ImageFetcher(roots, s.allow_http, s.endpoint_url,
+                                    allowed_buckets=default_allowed_buckets(s.checkpoint, s.allowed_buckets))
         self.tasks: set[asyncio.Task] = set()
         self.held_bytes = 0
         self.held: dict[str, int] = {}  # entry id -> bytes, of the uploads being worked on
@@ -137,11 +138,11 @@ class UploadConsumer:
         self._last_redis_log = 0.0
         self._undelivered_deleted = False
         self.solo = asyncio.Lock()  # the isolation lane: redelivered uploads, one at a time
-        self.batcher = CallBatcher(model, size=max(1, min(self.s.max_batch_size, self.s.max_in_flight)))
+        self.batcher = CallBatcher(model, size=max(1, min(self.settings.max_batch_size, self.settings.max_in_flight)))
         self.batcher_task = asyncio.get_running_loop().create_task(self.batcher.run())
         self.loop_task = asyncio.get_running_loop().create_task(self._run())
         self.metrics.CONSUMERS.set(1)
-        log.info("consumer %s reading %s as group %s", self.name, keys.uploads, self.s.group)
+        log.info("consumer %s reading %s as group %s", self.name, keys.uploads, self.settings.group)
 
     def _check_redis(self, keys) -> None:
         """Wrong credentials, an evicting Redis or a cluster prefix without a hash tag are fatal here, with
@@ -151,10 +152,10 @@ class UploadConsumer:
 
         from ingest.queue import check_server, connect
 
-        client = connect(self.s.redis, ca_file=self.s.redis_ca_file, cluster=self.s.redis_cluster, retries=0)
+        s = self.settings
+        client = connect(s.redis, ca_file=s.redis_ca_file, cluster=s.redis_cluster, retries=0)
         try:
-            for warning in check_server(client, keys, self.s.allow_eviction, self.s.redis_cluster, self.s.group,
-                                        self.s.allow_other_groups):
+            for warning in check_server(client, keys, s.allow_eviction, s.redis_cluster, s.group, s.allow_other_groups):
                 log.warning("%s", warning)
         except (ConnectionError, TimeoutError, OSError) as e:
             log.warning("redis not reachable at start-up (%s); waiting for it", type(e).__name__)
@@ -163,7 +164,7 @@ class UploadConsumer:
 
     # -- the loop ---------------------------------------------------------------------------------------
     def _free(self) -> tuple[int, int]:
-        return self.s.max_in_flight - len(self.tasks), self.s.max_in_flight_bytes - self.held_bytes
+        return self.settings.max_in_flight - len(self.tasks), self.settings.max_in_flight_bytes - self.held_bytes
 
     async def _run(self) -> None:
         import redis
@@ -188,16 +189,16 @@ class UploadConsumer:
                     op, next_stats = "stats", now + STATS_INTERVAL_S
                     await self._update_stats()
                 if now >= next_touch and self.held:
-                    op, next_touch = "touch", now + max(0.5, self.s.claim_idle_s / 3)
+                    op, next_touch = "touch", now + max(0.5, self.settings.claim_idle_s / 3)
                     await self._touch()
                 if now >= next_trim:
-                    op, next_trim = "trim", now + self.s.trim_interval_s
-                    self.metrics.STREAM_TRIMMED.inc(await self.queue.trim(self.s.stream_retention_s))
+                    op, next_trim = "trim", now + self.settings.trim_interval_s
+                    self.metrics.STREAM_TRIMMED.inc(await self.queue.trim(self.settings.stream_retention_s))
                 free, budget = self._free()
                 if now >= next_claim and free > 0 and budget > 0:
-                    op, next_claim = "claim", now + max(1.0, self.s.claim_idle_s / 2)
-                    self._take(await self.queue.reclaim(int(self.s.claim_idle_s * 1000), free, budget,
-                                                        self.s.max_deliveries))
+                    op, next_claim = "claim", now + max(1.0, self.settings.claim_idle_s / 2)
+                    self._take(await self.queue.reclaim(int(self.settings.claim_idle_s * 1000), free, budget,
+                                                        self.settings.max_deliveries))
                     free, budget = self._free()
                 if free <= 0 or budget <= 0:
                     await asyncio.wait(self.tasks, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
@@ -284,8 +285,8 @@ class UploadConsumer:
     async def _update_stats(self) -> None:
         stats = await self.queue.stats()
         if stats.lag >= 0:
-            self.metrics.QUEUE_LAG.labels(self.s.group).set(stats.lag)
-        self.metrics.QUEUE_PENDING.labels(self.s.group).set(stats.pending)
+            self.metrics.QUEUE_LAG.labels(self.settings.group).set(stats.lag)
+        self.metrics.QUEUE_PENDING.labels(self.settings.group).set(stats.pending)
         if stats.undelivered_deleted and not self._undelivered_deleted:
             log.error("Redis cannot count %s's lag: entries the group had not read yet were probably deleted by "
                       "something other than the tagger (XTRIM/XDEL by hand, or XADD with MAXLEN), and those "
@@ -337,7 +338,7 @@ class UploadConsumer:
         """The model's answer, or :class:`LeftPending`. A first delivery joins a grouped call; if the model
         replica dies under that group, the upload is tried once more alone. A redelivered upload goes
         through the isolation lane only."""
-        timeout = self.s.model_timeout_s
+        timeout = self.settings.model_timeout_s
         if upload.deliveries <= 1:
             for attempt in range(MODEL_UNAVAILABLE_ATTEMPTS):
                 try:

@@ -389,16 +389,16 @@ class TaggerAPI:
         from deploy.runtime import start_metrics
         from deploy.settings import ServeSettings
 
-        self.s = ServeSettings(**settings)
+        self.settings = ServeSettings(**settings)
         # first: a keys file that cannot be used stops the start-up, before anything else is set up
-        self.keys = load_api_keys(self.s.api_keys_file) if self.s.api_keys_file else None
-        self.model, self.consumer, self.limit = model, consumer, self.s.max_request_bytes
-        self.slots = asyncio.Semaphore(max(1, self.s.http_max_concurrency))
-        self.m = start_metrics()
+        self.keys = load_api_keys(self.settings.api_keys_file) if self.settings.api_keys_file else None
+        self.model, self.consumer, self.limit = model, consumer, self.settings.max_request_bytes
+        self.slots = asyncio.Semaphore(max(1, self.settings.http_max_concurrency))
+        self.metrics = start_metrics()
         # it logs a warning per malformed byte of a body: a client could fill the logs (400s are counted)
         logging.getLogger("python_multipart").setLevel(logging.ERROR)
         if self.keys is not None:
-            log.info("API keys required (%d keys from %s)", len(self.keys), self.s.api_keys_file)
+            log.info("API keys required (%d keys from %s)", len(self.keys), self.settings.api_keys_file)
 
     # -- the frame of every request but /health -----------------------------------------------------------
     async def _serve(self, endpoint: str, request: Request, work) -> JSONResponse:
@@ -421,8 +421,8 @@ class TaggerAPI:
             code = "499"
             raise
         finally:
-            self.m.HTTP_REQUESTS.labels(endpoint, code).inc()
-            self.m.HTTP_SECONDS.labels(endpoint).observe(time.perf_counter() - t0)
+            self.metrics.HTTP_REQUESTS.labels(endpoint, code).inc()
+            self.metrics.HTTP_SECONDS.labels(endpoint).observe(time.perf_counter() - t0)
 
     def _authenticate(self, request: Request) -> None:
         if self.keys is None:
@@ -458,15 +458,15 @@ class TaggerAPI:
                 raise ApiError(413, f"the request body is over {self.limit} bytes", "body", _CLOSE)
         chunks, size = [], 0
         try:
-            async with asyncio.timeout(self.s.http_read_timeout_s):
+            async with asyncio.timeout(self.settings.http_read_timeout_s):
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > self.limit:
                         raise ApiError(413, f"the request body is over {self.limit} bytes", "body", _CLOSE)
                     chunks.append(chunk)
         except TimeoutError:
-            raise ApiError(408, f"the request body did not arrive within {self.s.http_read_timeout_s:g} s", "body",
-                           _CLOSE) from None
+            raise ApiError(408, f"the request body did not arrive within {self.settings.http_read_timeout_s:g} s",
+                           "body", _CLOSE) from None
         except ClientDisconnect:
             raise ApiError(400, "the connection closed before the whole body arrived", "body", _CLOSE) from None
         return b"".join(chunks)
@@ -475,7 +475,7 @@ class TaggerAPI:
         """The model's answers to ``calls`` (awaitables); a replica that died, or none answering in time,
         is a 503."""
         try:
-            async with asyncio.timeout(self.s.model_timeout_s):
+            async with asyncio.timeout(self.settings.model_timeout_s):
                 return await asyncio.gather(*calls)
         except Exception as e:
             log.warning("model call failed: %s", type(e).__name__)

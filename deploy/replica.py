@@ -61,7 +61,7 @@ class TaggerModel:
         from ingest.storage import Storage
         from model.tagger import Tagger
 
-        self.m = start_metrics()
+        self.metrics = start_metrics()
         if threads:  # intra-op threads = the replica's CPUs: more would fight the consumers for the cores
             import torch
 
@@ -71,8 +71,8 @@ class TaggerModel:
         # Decoding threads are bounded: each holds at most one decoded image (the pixel budget of
         # model.preprocess), so the replica's decoding memory is bounded too.
         self.decoders = concurrent.futures.ThreadPoolExecutor(max(2, threads + 1), thread_name_prefix="decode")
-        self.m.MODEL_INFO.labels(self.tagger.version, self.tagger.config.image_model).set(1)
-        self.m.MODEL_REPLICAS.labels(self.tagger.version).set(1)
+        self.metrics.MODEL_INFO.labels(self.tagger.version, self.tagger.config.image_model).set(1)
+        self.metrics.MODEL_REPLICAS.labels(self.tagger.version).set(1)
         log.info("model %s loaded on %s", self.tagger.version, self.tagger.device)
 
     def reconfigure(self, config: dict) -> None:
@@ -129,7 +129,7 @@ class TaggerModel:
             return {"error": e.reason, "detail": str(e)[:300]}
         except Exception as e:  # MemoryError included: one image's problem
             return {"error": "undecodable", "detail": f"{type(e).__name__}: {str(e)[:200]}"}
-        self.m.STAGE_SECONDS.labels("decode").observe(time.perf_counter() - t0)
+        self.metrics.STAGE_SECONDS.labels("decode").observe(time.perf_counter() - t0)
         return out
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
@@ -147,9 +147,9 @@ class TaggerModel:
                 except Exception as e1:
                     out.append({"error": "model_error", "detail": f"{type(e1).__name__}: {str(e1)[:200]}"})
         elapsed = time.perf_counter() - t0
-        self.m.BATCH_SIZE.observe(len(items))
+        self.metrics.BATCH_SIZE.observe(len(items))
         for _ in items:
-            self.m.STAGE_SECONDS.labels("inference").observe(elapsed)
+            self.metrics.STAGE_SECONDS.labels("inference").observe(elapsed)
         return out
 
     def _score(self, items: list[_Item]) -> list[dict]:
@@ -165,5 +165,5 @@ class TaggerModel:
     def __del__(self) -> None:
         if hasattr(self, "decoders"):
             self.decoders.shutdown(wait=False, cancel_futures=True)
-        if hasattr(self, "m"):
-            self.m.process_exiting()
+        if hasattr(self, "metrics"):
+            self.metrics.process_exiting()

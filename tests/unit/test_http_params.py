@@ -278,7 +278,7 @@ def frame():
     from deploy.http import TaggerAPI
 
     cls = TaggerAPI.func_or_class
-    api = SimpleNamespace(s=SimpleNamespace(model_timeout_s=5.0), keys=None, m=FakeMetrics())
+    api = SimpleNamespace(settings=SimpleNamespace(model_timeout_s=5.0), keys=None, metrics=FakeMetrics())
     api.slots = asyncio.Semaphore(1)
     for name in ("_authenticate", "_slot", "_call_model", "_serve"):
         setattr(api, name, types.MethodType(getattr(cls, name), api))
@@ -323,6 +323,6 @@ def test_every_answer_is_counted_by_its_code_and_model_failures_are_503():
     codes, busy = asyncio.run(main())
     assert codes == [200, 400, 500, 503]
     assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
-    assert api.m.codes == [("evaluate", "200"), ("evaluate", "400"), ("evaluate", "500"), ("evaluate", "503"),
+    assert api.metrics.codes == [("evaluate", "200"), ("evaluate", "400"), ("evaluate", "500"), ("evaluate", "503"),
                            ("evaluate", "503"), ("v1_tag", "503"), ("v1_tag", "499")]  # fmt: skip
     assert api.slots._value == 1  # every slot given back
