@@ -64,22 +64,14 @@ def steady_rate(out: str) -> float:
 
 
 def main(sizes: list[int], batch_size: int = 64, image_size: int = 64) -> int:
-    from ingest.shards import iter_examples, load_info
-    from ingest.storage import Storage
-    from ingest.synth import SynthConfig, synthesize
-    from model.checkpoint import Labels, save
-    from model.config import preset
-    from model.network import DanmulNet
     from ray_jobs.bench_stream import bare_model
+    from ray_jobs.samples import rows, synthetic_dataset, untrained_checkpoint
 
     root = tempfile.mkdtemp(prefix="danmul-bench-backfill-")
     data = os.path.join(root, "data")
-    synthesize(SynthConfig(out=data, characters=24, images=600, image_size=image_size, seed=0), progress=False)
-    info = load_info(Storage(data))
-    images = [r["image"] for s in ("train", "val", "test") for r in iter_examples(Storage(data), s)]
-    ckpt = os.path.join(root, "model")
-    save(ckpt, DanmulNet(preset("tiny", num_characters=info.num_characters, num_tags=len(info.tags),
-                                image_size=image_size)), Labels(info.characters, info.tags))  # fmt: skip
+    synthetic_dataset(data, characters=24, images=600, image_size=image_size)
+    images = [r["image"] for r in rows(data)]
+    ckpt = untrained_checkpoint(data, os.path.join(root, "model"), image_size)
     bare = bare_model(ckpt, images, [None] * len(images), batch_size)
     print(f"A. bare Tagger.predict, batches of {batch_size}: {bare:,.0f} images/s", flush=True)
 

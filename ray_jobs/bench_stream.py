@@ -40,27 +40,20 @@ def main(uploads: int = 3000, image_size: int = 64, max_batch_size: int = 32, la
 
     from deploy.settings import ServeSettings
     from ingest.queue import Keys, enqueue, entry_ms
-    from ingest.shards import iter_examples, load_info
-    from ingest.storage import Storage
-    from ingest.synth import SynthConfig, synthesize
-    from model.checkpoint import Labels, save
-    from model.config import preset
-    from model.network import DanmulNet
     from ray_jobs.local_ray import ensure_ray
     from ray_jobs.local_redis import RedisServer, free_port
+    from ray_jobs.samples import rows as all_rows
+    from ray_jobs.samples import synthetic_dataset, untrained_checkpoint
     from ray_jobs.stream import cpus_needed, latencies_s
 
     root = tempfile.mkdtemp(prefix="danmul-bench-stream-")
     data = os.path.join(root, "data")
-    synthesize(SynthConfig(out=data, characters=24, images=600, image_size=image_size, seed=0), progress=False)
-    info = load_info(Storage(data))
-    rows = [r for s in ("train", "val", "test") for r in iter_examples(Storage(data), s)]
+    synthetic_dataset(data, characters=24, images=600, image_size=image_size)
+    rows = all_rows(data)
     images = [r["image"] for r in rows]
     tags = [r["tags"] if i % 2 else None for i, r in enumerate(rows)]
-    ckpt = os.path.join(root, "model")
-    net = DanmulNet(preset("tiny", num_characters=info.num_characters, num_tags=len(info.tags),
-                           image_size=image_size))  # fmt: skip
-    save(ckpt, net, Labels(info.characters, info.tags))  # throughput does not depend on the weights
+    # throughput does not depend on the weights
+    ckpt = untrained_checkpoint(data, os.path.join(root, "model"), image_size)
 
     import torch
 

@@ -65,12 +65,12 @@ def main(epochs: int = 4, workers: int = 2, characters: int = 24, images: int = 
 
     from ingest.shards import load_info
     from ingest.storage import Storage
-    from ingest.synth import SynthConfig, synthesize
+    from ray_jobs.samples import synthetic_dataset
     from ray_jobs.train import TrainConfig, _ensure_ray, read_progress, run
 
     root = tempfile.mkdtemp(prefix="danmul-bench-train-")
     data = os.path.join(root, "data")
-    synthesize(SynthConfig(out=data, characters=characters, images=images, image_size=image_size), progress=False)
+    synthetic_dataset(data, characters, images, image_size)
     cfg = TrainConfig(data=data, out=os.path.join(root, "runs"), name="pipeline", epochs=epochs, workers=workers,
                       image_size=image_size, batch_size=batch_size)
     _ensure_ray(cfg, workers)

@@ -85,13 +85,11 @@ def run(data: str | None, epochs: int, seed: int, out: str | None = None, charac
     instead of in this process. Returns ``{variant: {"image_only": metrics, "image_tags": metrics}}``."""
     tmp = None
     if data is None:
-        from ingest.synth import SynthConfig, synthesize
+        from ray_jobs.samples import synthetic_dataset
 
         tmp = tempfile.mkdtemp(prefix="danmul-paper-")
-        data = os.path.join(tmp, "data")
         log(f"generating synthetic Dan:mul: {characters} characters, {images} images, {image_size}px, seed {seed}")
-        synthesize(SynthConfig(out=data, characters=characters, images=images, image_size=image_size, seed=seed),
-                   progress=False)
+        data = synthetic_dataset(os.path.join(tmp, "data"), characters, images, image_size, seed=seed)
     if workers > 0:
         return _run_distributed(data, epochs, seed, out or os.path.join(tmp or tempfile.mkdtemp(), "runs"),
                                 image_size, workers, log)

@@ -103,35 +103,22 @@ def redis_server(tmp_path) -> Iterator[RedisServer]:
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> str:
     """6 characters, 150 images at 32 px (train/val/test)."""
-    from ingest.synth import SynthConfig, synthesize
+    from ray_jobs.samples import synthetic_dataset
 
     uri = str(tmp_path_factory.mktemp("data") / "danmul")
-    synthesize(SynthConfig(out=uri, characters=6, images=150, image_size=32, seed=3, workers=1), progress=False)
-    return uri
+    return synthetic_dataset(uri, characters=6, images=150, image_size=32, seed=3, workers=1)
 
 
 @pytest.fixture(scope="module")
 def tiny_rows(tiny_data) -> list[dict]:
-    from ingest.shards import iter_examples
-    from ingest.storage import Storage
+    from ray_jobs.samples import rows
 
-    return [r for split in ("train", "val", "test") for r in iter_examples(Storage(tiny_data), split)]
+    return rows(tiny_data)
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_data, tmp_path_factory) -> str:
     """An untrained tiny model for the dataset (the behaviour under test does not depend on its weights)."""
-    import torch
+    from ray_jobs.samples import untrained_checkpoint
 
-    from ingest.shards import load_info
-    from ingest.storage import Storage
-    from model.checkpoint import Labels, save
-    from model.config import preset
-    from model.network import DanmulNet
-
-    info = load_info(Storage(tiny_data))
-    torch.manual_seed(0)
-    net = DanmulNet(preset("tiny", num_characters=info.num_characters, num_tags=len(info.tags), image_size=32))
-    path = str(tmp_path_factory.mktemp("ckpt") / "model")
-    save(path, net, Labels(info.characters, info.tags))
-    return path
+    return untrained_checkpoint(tiny_data, str(tmp_path_factory.mktemp("ckpt") / "model"), image_size=32)

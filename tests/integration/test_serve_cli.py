@@ -12,16 +12,10 @@ import time
 
 import pytest
 import redis
-import torch
 
 from ingest.queue import Keys
-from ingest.shards import load_info
-from ingest.storage import Storage
-from ingest.synth import SynthConfig, synthesize
-from model.checkpoint import Labels, save
-from model.config import preset
-from model.network import DanmulNet
 from ray_jobs.local_redis import free_port
+from ray_jobs.samples import synthetic_dataset, untrained_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.e2e]
 DANMUL = [sys.executable, "-m", "ray_jobs.cli"]
@@ -59,13 +53,8 @@ def stop(proc: subprocess.Popen, log_path) -> None:
 
 
 def test_sigterm_mid_stream_then_restart(redis_server, tmp_path):
-    data = str(tmp_path / "data")
-    synthesize(SynthConfig(out=data, characters=6, images=150, image_size=32, seed=4, workers=1), progress=False)
-    info = load_info(Storage(data))
-    torch.manual_seed(0)
-    ckpt = str(tmp_path / "model")
-    save(ckpt, DanmulNet(preset("tiny", num_characters=6, num_tags=len(info.tags), image_size=32)),
-         Labels(info.characters, info.tags))
+    data = synthetic_dataset(str(tmp_path / "data"), characters=6, images=150, image_size=32, seed=4, workers=1)
+    ckpt = untrained_checkpoint(data, str(tmp_path / "model"), image_size=32)
     for _ in range(N // 50):  # the same 50 posts again and again: each entry is an upload of its own
         proc = subprocess.run([*DANMUL, "enqueue", "--redis", redis_server.url, "--data", data, "--split", "train",
                                "--limit", "50"], capture_output=True, text=True, timeout=300)  # fmt: skip
