@@ -299,6 +299,16 @@ def _writer(out: str, endpoint_url: str | None, redis_url: str | None, prefix: s
     return Storage(out, endpoint_url), client
 
 
+class BlockWriter:
+    """The write step as a small actor pool (tasks per block cost the pipeline more than the writes)."""
+
+    def __init__(self, out: str, endpoint_url: str | None, redis_url: str | None, prefix: str):
+        self.kwargs = dict(out=out, endpoint_url=endpoint_url, redis_url=redis_url, prefix=prefix)
+
+    def __call__(self, block: pa.Table) -> dict[str, np.ndarray]:
+        return write_block(block, **self.kwargs)
+
+
 def write_block(block: pa.Table, out: str, endpoint_url: str | None, redis_url: str | None,
                 prefix: str) -> dict[str, np.ndarray]:
     """One block's results file and errors file, each written whole (named by a hash of the block's post ids,
@@ -380,8 +390,9 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
         fn_constructor_kwargs=dict(checkpoint=cfg.checkpoint, endpoint_url=cfg.endpoint_url, top_k=cfg.top_k,
                                    batch_size=cfg.batch_size),
     )  # fmt: skip
-    ds = ds.map_batches(write_block, batch_size=None, batch_format="pyarrow", num_cpus=0.1, fn_kwargs=dict(
-        out=cfg.out, endpoint_url=cfg.endpoint_url, redis_url=cfg.redis, prefix=cfg.prefix))
+    ds = ds.map_batches(BlockWriter, batch_size=None, batch_format="pyarrow", num_cpus=0,
+                        compute=ActorPoolStrategy(size=1), fn_constructor_kwargs=dict(
+                            out=cfg.out, endpoint_url=cfg.endpoint_url, redis_url=cfg.redis, prefix=cfg.prefix))
     metrics = _metrics(cfg.metrics_port)
     log(f"backfill of {total:,} images in {cfg.input} ({kind}) -> {out.uri} with {actors} predictor(s)"
         f"{' on GPUs' if gpus else ' on CPU'}, batch {cfg.batch_size}")
