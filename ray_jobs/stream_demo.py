@@ -79,8 +79,11 @@ def run_stream_demo(checkpoint: str, data_uri: str, redis_url: str, uploads: int
     for group in ("image only", "with tags"):
         n = correct[group, "n"]
         if n:
-            print(f"  streamed top-1 accuracy, {group}: {correct[group, 'ok'] / n:.3f} ({n} uploads; the model "
-                  f"abstained on {correct[group, 'abstained']}, counted as wrong)")
+            answered = n - correct[group, "abstained"]
+            precision = correct[group, "ok"] / answered if answered else 0.0
+            print(f"  streamed, {group} ({n} uploads): answered {answered / n:.0%} (coverage at the calibrated "
+                  f"thresholds), {precision:.0%} of the answers right (precision), {correct[group, 'ok'] / n:.0%} "
+                  "of all uploads named right")
     for _, e in dead:
         print(f"  dead letter: post_id={e[b'post_id'].decode() or '-'} reason={e[b'reason'].decode()} "
               f"{e[b'detail'].decode()[:70]}")

@@ -92,7 +92,7 @@ def test_demo_quick_runs_end_to_end_and_leaves_no_processes(tmp_path):
     assert m and m.group(1) == m.group(2) and int(m.group(1)) > 0 and m.group(3) == "5", out[-3000:]
     for reason in ("truncated", "not_an_image", "missing_post_id", "bad_tags", "forbidden_path"):
         assert f"reason={reason}" in out
-    assert "streamed top-1 accuracy, with tags" in out and "p99" in out
+    assert "streamed, with tags" in out and "of the answers right (precision)" in out and "p99" in out
     # the backfill step: the whole test split tagged, the one broken file recorded as an error
     m = re.search(r"backfill: (\d+) tagged, 1 error\(s\) \(not_an_image\)", out)
     assert m and int(m.group(1)) > 0, out[-3000:]
