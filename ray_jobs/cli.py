@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Anime character identification and Danbooru tag prediction (Dan:mul).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own log lines (else they go to the session's log folder only; "
+                             "the same as DANMUL_LOG_LEVEL=debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="build, generate and inspect Dan:mul datasets")
@@ -321,14 +324,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from ray_jobs.local_ray import LOG_LEVEL_ENV, logs_folder
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[LOG_LEVEL_ENV] = "debug"
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
         print(f"danmul: error: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        import ray
+
+        if ray.is_initialized() or os.path.isdir(logs_folder()):
+            print(f"danmul: the full logs of Ray's processes are in {logs_folder()} (or run with --verbose)",
+                  file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -111,10 +111,11 @@ def run_demo(out: str, quick: bool = False, keep_serving: bool = False) -> int:
         named = [(r["post_id"], r["characters"][0]["name"]) for r in results.to_pylist() if r["characters"]]
         correct = sum(truth.get(p) == name for p, name in named)
         reasons = ", ".join(errors.column("reason").to_pylist())
-        print(f"backfill: {result.processed} tagged, {result.errors} error(s) ({reasons}); "
-              f"image-only top-1 {correct / max(1, len(truth)):.3f} "
-              f"(abstentions counted as wrong); {result.images_per_s:,.0f} images/s including start-up; "
-              f"results in {cfg.out}/results/*.parquet")
+        total = max(1, len(truth))
+        print(f"backfill: {result.processed} tagged, {result.errors} error(s) ({reasons}); image-only: answered "
+              f"{len(named) / total:.0%}, {correct / max(1, len(named)):.0%} of the answers right, "
+              f"{correct / total:.0%} of all images named right; {result.images_per_s:,.0f} images/s including "
+              f"start-up; results in {cfg.out}/results/*.parquet")
 
     def finish(keep: bool) -> None:
         import ray

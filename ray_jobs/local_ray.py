@@ -1,9 +1,46 @@
-"""Joining a Ray cluster, or starting a local one sized for the job, the same way for every command."""
+"""Joining a Ray cluster, or starting a local one sized for the job, the same way for every command.
+
+The console is danmul's: by default Ray's own lines (its INFO and WARNING logs, the raylet's notices,
+everything the workers and actors print) go only to the session's log folder, and danmul prints its own
+lines (the driver's progress, one line per training epoch). ``danmul --verbose`` (or
+``DANMUL_LOG_LEVEL=debug``) shows Ray's lines too. A real error still reaches the console: the exception
+that ends the command, with where the full logs are.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+
+LOG_LEVEL_ENV = "DANMUL_LOG_LEVEL"
+
+
+def verbose() -> bool:
+    return os.environ.get(LOG_LEVEL_ENV, "").lower() in ("debug", "verbose")
+
+
+def logs_folder() -> str:
+    """Where the local Ray session keeps every process's log (its latest session)."""
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), "ray", "session_latest", "logs")
+
+
+def quiet_libraries() -> None:
+    """Unless verbose: the driver's own Ray libraries log warnings and errors only (Serve configures its
+    logger at INFO when it is imported, so it is imported here first), and Ray's Python warnings (advice
+    about concurrency and deprecations) stay out of the console."""
+    if verbose():
+        return
+    import warnings
+
+    import ray.serve  # noqa: F401  (its import sets its logger up; then the level below holds)
+
+    for name in ("ray", "ray.serve", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
 
 
 def ensure_ray(address: str | None, cpus_needed: float = 0, dashboard: bool = False) -> None:
@@ -17,12 +54,17 @@ def ensure_ray(address: str | None, cpus_needed: float = 0, dashboard: bool = Fa
 
     if ray.is_initialized():
         return
+    loud = verbose()
+    quiet = {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.ERROR}
+    quiet_libraries()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
         return
     quiet_data = os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
-    env = {"RAY_DATA_LOGGING_CONFIG": os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", quiet_data)}
+    env = {"RAY_DATA_LOGGING_CONFIG": os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", quiet_data),
+           # Ray Train re-routes a worker's print() through logging *and* the console: every line twice
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
     ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)), include_dashboard=dashboard,
-             dashboard_host="127.0.0.1", log_to_driver=True, runtime_env={"env_vars": env})
+             dashboard_host="127.0.0.1", runtime_env={"env_vars": env}, **quiet)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()

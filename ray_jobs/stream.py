@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from deploy.settings import ServeSettings
-from ray_jobs.local_ray import ensure_ray
+from ray_jobs.local_ray import ensure_ray, logs_folder, verbose
 
 
 def latencies_s(results: list) -> list[float]:
@@ -54,6 +54,8 @@ def serve_forever(s: ServeSettings, log=print, stop: threading.Event | None = No
         log(f"  HTTP API  http://{s.http_host}:{s.http_port}/  (POST /evaluate, POST /v1/tag, GET /health)")
         if s.metrics_port:
             log(f"  metrics   http://127.0.0.1:{s.metrics_port}/metrics  (each node serves its own)")
+        if not s.address and not verbose():
+            log(f"  replica logs: {logs_folder()}/serve/  (danmul --verbose serve ... shows them here)")
         log("  stop with Ctrl-C (uploads in flight finish or stay pending for another consumer)")
         stop.wait()
         log("stopping: consumers drain their in-flight uploads ...")

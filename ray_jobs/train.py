@@ -123,9 +123,23 @@ def _all_reduce(value: float, op: str = "sum") -> float:
     return float(t.item())
 
 
+def _quiet_train_reports() -> None:
+    """Ray Train logs a "Reporting training result ..." line with every metric at INFO on each worker, on a
+    logger named after its source file: keep those for the session's log files, off the console."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
+
+    _quiet_train_reports()
 
     cfg = TrainConfig(**config["train"])
     mcfg = ModelConfig.from_dict(config["model"])
@@ -210,10 +224,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 save(tmp, inner, labels, {"validation": v, "epoch": epoch + 1})
                 save_train_state(tmp, optimizer, {"epoch": epoch + 1, "global_step": step})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                print(f"[danmul] epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.3f}  "
-                      f"val top-1 image-only {metrics['val_image_only_top1']:.3f} / with tags "
-                      f"{metrics['val_image_tags_top1']:.3f}  drop {metrics['text_drop']:.2f}  "
-                      f"{metrics['samples_per_s']:.0f} samples/s  bad images {metrics['bad_images']}", flush=True)
+                print(epoch_line(metrics, cfg.epochs), flush=True)  # the worker's log; the driver prints its own
                 if gauges:
                     gauges.TRAIN_EPOCH.set(epoch + 1)
                     gauges.TRAIN_SAMPLES_PER_SECOND.set(metrics["samples_per_s"])
@@ -236,6 +247,53 @@ def _train_metrics(port: int):
 
 
 PROGRESS = "progress.jsonl"
+
+
+def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
+    """One line per epoch, as the console shows it."""
+    return (f"[danmul] epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.3f}  val top-1 image-only "
+            f"{metrics['val_image_only_top1']:.3f} / with tags {metrics['val_image_tags_top1']:.3f}  drop "
+            f"{metrics['text_drop']:.2f}  {metrics['samples_per_s']:.0f} samples/s  bad images {metrics['bad_images']}")
+
+
+class ProgressPrinter:
+    """Prints the run's epoch lines on the driver as the rank-0 worker records them (``progress.jsonl``),
+    so the console shows each once, whether or not the workers' own output is forwarded."""
+
+    def __init__(self, run_dir: Storage, epochs: int, log=print, every_s: float = 1.0):
+        import threading
+
+        self.run_dir, self.epochs, self.log, self.every_s = run_dir, epochs, log, every_s
+        self.shown = len(read_progress(run_dir))  # what an earlier run of the same OUT/NAME recorded
+        self.started = False
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="danmul-progress", daemon=True)
+
+    def __enter__(self) -> ProgressPrinter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        self._show()
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self._show()
+
+    def _show(self) -> None:
+        try:
+            events = read_progress(self.run_dir)
+        except (OSError, ValueError):  # mid-write or storage trouble: the next look will do
+            return
+        for event in events[self.shown :]:
+            if event.get("event") == "end" and "val_image_only_top1" in event:
+                self.log(epoch_line(event, self.epochs))
+            elif event.get("event") == "start" and not self.started and event.get("epoch", 1) > 1:
+                self.log(f"[danmul] resuming after epoch {event['epoch'] - 1} (global step {event['global_step']})")
+            self.started = self.started or event.get("event") == "start"
+        self.shown = max(self.shown, len(events))
 
 
 def _log_progress(run_dir: Storage, event: dict[str, Any]) -> None:
@@ -312,7 +370,8 @@ def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
                   "val": make_dataset(data, "val", info, mcfg, augment=False)},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )  # fmt: skip
-    result = trainer.fit()
+    with ProgressPrinter(run_dir, cfg.epochs, log):
+        result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     ranked = [(c, m) for c, m in (result.best_checkpoints or []) if cfg.checkpoint_metric in m]
