@@ -63,6 +63,14 @@ def schedule(cfg: CurriculumConfig, step: int, total_steps: int) -> CurriculumSt
     return CurriculumState(cfg.max_drop * t, cfg.max_mask * t)
 
 
+def phase_steps(cfg: CurriculumConfig, total_steps: int) -> dict[str, int]:
+    """The global steps where the schedule's phases begin, for the plan line."""
+    if cfg.kind in ("none", "constant"):
+        return {}
+    return {"text dropping from": int(cfg.warmup * total_steps),
+            f"full drop {cfg.max_drop:.0%} from": int(min(1.0, cfg.warmup + cfg.ramp) * total_steps)}
+
+
 def apply(tag_ids: torch.Tensor, state: CurriculumState, generator: torch.Generator | None = None) -> torch.Tensor:
     """Apply one step's curriculum to a batch of tag sequences ``(B, T)`` laid out as
     ``[CLS] tags... [SEP] [PAD]...``. Dropped samples become the "no text" input; masked tags are

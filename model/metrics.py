@@ -77,3 +77,16 @@ def character_thresholds(probs: np.ndarray, labels: np.ndarray, target_precision
         if sel.sum() >= min_support:
             out[c] = _precision_threshold(conf[sel], correct[sel], target_precision)
     return out
+
+
+def answered_at_thresholds(probs: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> tuple[float, float]:
+    """(coverage, precision) of a predictor that names its top character only when its probability
+    reaches that character's threshold (else abstains): the share answered, and the share of answers
+    right (nan when nothing is answered)."""
+    if len(labels) == 0:
+        return float("nan"), float("nan")
+    pred = probs.argmax(1)
+    answered = probs.max(1) >= np.asarray(thresholds)[pred]
+    coverage = float(answered.mean())
+    precision = float((pred[answered] == labels[answered]).mean()) if answered.any() else float("nan")
+    return coverage, precision

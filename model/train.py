@@ -1,8 +1,9 @@
-"""One training step and the evaluation pass, in plain PyTorch.
+"""Training steps, the pass over a split, and evaluation, in plain PyTorch.
 
-Front ends feed batches: the single-process paper-claim script (``ray_jobs/paper_claim.py``) and the
-Ray Train loop both call :func:`train_step` and :func:`evaluate`, so the distributed run trains the
-same way as the local one. A batch is a dict of tensors:
+Front ends feed batches: the Ray Train worker (``ray_jobs/train.py``), the single-process paper benchmark
+(``ray_jobs/paper_claim.py``) and the training benchmark all run :func:`train_pass` (which calls
+:func:`train_step`) and :func:`evaluate`, so the distributed run trains the same way as the local one.
+A batch is a dict of tensors:
 
     images      (B, 3, S, S) float, preprocessed
     tag_ids     (B, T) long, the tags that came with each image ([CLS] tags [SEP] [PAD]...)
@@ -13,7 +14,7 @@ same way as the local one. A batch is a dict of tensors:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +23,7 @@ from torch import nn
 
 from model import curriculum as cur
 from model.losses import LossConfig, total_loss
-from model.metrics import character_thresholds, f1_at_balance, tag_map, topk_accuracy
+from model.metrics import answered_at_thresholds, character_thresholds, f1_at_balance, tag_map, topk_accuracy
 
 
 @dataclass
@@ -85,6 +86,39 @@ def train_step(
     return logs
 
 
+@dataclass
+class PassResult:
+    step: int  # the global step after the pass
+    losses: list[float]
+    samples: int
+    logs: dict[str, float]  # the last step's
+
+
+def train_pass(net: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[dict[str, torch.Tensor]],
+               step: int, total_steps: int, optim: OptimConfig, curriculum: cur.CurriculumConfig,
+               generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
+               agree: Callable[[bool], bool] | None = None,
+               on_step: Callable[[int, dict[str, float]], None] | None = None) -> PassResult:
+    """Steps over ``batches`` from global ``step`` until they run out or ``total_steps`` is reached.
+
+    ``agree(has_batch)`` lets data-parallel workers decide together whether to take the next step (all
+    or none: DDP hangs otherwise); ``on_step(step, logs)`` runs after each step (gauges, fault hooks).
+    What is left in ``batches`` stays for the caller to drain or drop."""
+    result = PassResult(step, [], 0, {})
+    while result.step < total_steps:
+        batch = next(batches, None)
+        if not (agree(batch is not None) if agree else batch is not None):
+            break
+        result.logs = train_step(net, optimizer, batch, result.step, total_steps, optim, curriculum, generator,
+                                 autocast_dtype)
+        result.losses.append(result.logs["loss"])
+        result.samples += len(batch["characters"])
+        result.step += 1
+        if on_step:
+            on_step(result.step, result.logs)
+    return result
+
+
 @torch.inference_mode()
 def collect(net: nn.Module, batches: Iterable[dict[str, torch.Tensor]], image_only: bool,
             autocast_dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
@@ -108,8 +142,14 @@ def collect(net: nn.Module, batches: Iterable[dict[str, torch.Tensor]], image_on
     }  # fmt: skip
 
 
-def summarize(scores: dict[str, np.ndarray]) -> dict[str, float]:
+def summarize(scores: dict[str, np.ndarray], thresholds: list[float] | None = None) -> dict[str, float]:
+    """Top-1/5, tag mAP and F1; with per-character ``thresholds``, also the share of images answered
+    (``coverage``) and the precision of those answers."""
     f1, threshold = f1_at_balance(scores["tags"], scores["targets"])
+    answered = {}
+    if thresholds is not None:
+        coverage, precision = answered_at_thresholds(scores["characters"], scores["labels"], np.asarray(thresholds))
+        answered = {"coverage": coverage, "precision": precision}
     return {
         "top1": topk_accuracy(scores["characters"], scores["labels"], 1),
         "top5": topk_accuracy(scores["characters"], scores["labels"], 5),
@@ -117,14 +157,17 @@ def summarize(scores: dict[str, np.ndarray]) -> dict[str, float]:
         "tag_f1": f1,
         "tag_threshold": threshold,
         "images": len(scores["labels"]),
+        **answered,
     }
 
 
-def evaluate(net: nn.Module, batches_fn, autocast_dtype: torch.dtype | None = None) -> dict[str, dict[str, float]]:
-    """Metrics image-only and image+tags. ``batches_fn()`` returns a fresh iterable of batches."""
+def evaluate(net: nn.Module, batches_fn, autocast_dtype: torch.dtype | None = None,
+             thresholds: list[float] | None = None) -> dict[str, dict[str, float]]:
+    """Metrics image-only and image+tags. ``batches_fn()`` returns a fresh iterable of batches; with
+    per-character abstention ``thresholds``, coverage and precision too."""
     return {
-        "image_only": summarize(collect(net, batches_fn(), True, autocast_dtype)),
-        "image_tags": summarize(collect(net, batches_fn(), False, autocast_dtype)),
+        "image_only": summarize(collect(net, batches_fn(), True, autocast_dtype), thresholds),
+        "image_tags": summarize(collect(net, batches_fn(), False, autocast_dtype), thresholds),
     }
 
 

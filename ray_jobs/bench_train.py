@@ -11,6 +11,7 @@ model does not use.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import time
@@ -49,9 +50,7 @@ def in_memory_loop(config: dict[str, Any]) -> float:
     step, rates = 0, []
     for epoch in range(config["epochs"]):
         t0 = time.perf_counter()
-        for _ in range(steps):
-            T.train_step(net, optimizer, batch, step, total, optim, curriculum)
-            step += 1
+        step = T.train_pass(net, optimizer, itertools.repeat(batch, steps), step, total, optim, curriculum).step
         rates.append(_all_reduce(steps * b / (time.perf_counter() - t0)))
         ray.train.report({"epoch": epoch + 1, "samples_per_s": rates[-1]})
     return float(np.mean(rates[1:])) if len(rates) > 1 else rates[0]  # Result.return_value (rank 0)

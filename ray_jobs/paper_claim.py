@@ -28,6 +28,7 @@ from ingest.storage import Storage
 from model import train as T
 from model.curriculum import CurriculumConfig
 from model.network import DanmulNet
+from model.plan import TrainingPlan, make_plan
 from model.preprocess import TrainAugment
 from model.vocab import TagVocab
 from ray_jobs.local_data import Split, batches, load_split
@@ -42,47 +43,53 @@ VARIANTS: dict[str, CurriculumConfig] = {
 
 @dataclass
 class FitConfig:
-    epochs: int = 20
+    epochs: int | None = None  # with neither epochs nor steps: the default step budget (model.plan)
+    steps: int | None = None
     batch_size: int = 64
     seed: int = 0
     optim: T.OptimConfig = field(default_factory=T.OptimConfig)
 
+    def plan(self, images: int) -> TrainingPlan:
+        return make_plan(images, self.batch_size, 1, self.epochs, self.steps)
+
 
 def fit(net: DanmulNet, train: Split, vocab: TagVocab, fit_cfg: FitConfig, curriculum: CurriculumConfig,
         log: Callable[[str], None] = print) -> list[dict[str, float]]:
-    """Train in place; returns one log dict per epoch (mean loss, samples/s, curriculum values)."""
+    """Train in place with the plan's step budget; returns one log dict per epoch (mean loss, samples/s,
+    curriculum values). Logs about ten lines however many epochs the plan has."""
     torch.manual_seed(fit_cfg.seed)
     generator = torch.Generator().manual_seed(fit_cfg.seed)
     optimizer = T.make_optimizer(net, fit_cfg.optim)
     augment = TrainAugment(seed=fit_cfg.seed)
-    steps_per_epoch = max(1, len(train.images) // fit_cfg.batch_size)
-    total = fit_cfg.epochs * steps_per_epoch
+    plan = fit_cfg.plan(len(train.images))
     history, step = [], 0
-    for epoch in range(fit_cfg.epochs):
-        t0, losses, logs = time.perf_counter(), [], {}
-        for batch in batches(train, vocab, net.cfg, fit_cfg.batch_size, augment,
-                             shuffle_seed=fit_cfg.seed * 1000 + epoch, drop_last=True):
-            logs = T.train_step(net, optimizer, batch, step, total, fit_cfg.optim, curriculum, generator)
-            losses.append(logs["loss"])
-            step += 1
+    for epoch in range(plan.epochs):
+        t0 = time.perf_counter()
+        done = T.train_pass(net, optimizer, batches(train, vocab, net.cfg, plan.batch_size, augment,
+                                                    shuffle_seed=fit_cfg.seed * 1000 + epoch, drop_last=True),
+                            step, plan.steps, fit_cfg.optim, curriculum, generator)  # fmt: skip
+        step = done.step
         seconds = time.perf_counter() - t0
         entry = {
-            "epoch": epoch + 1, "loss": sum(losses) / len(losses),
-            "samples_per_s": len(losses) * fit_cfg.batch_size / seconds,
-            "text_drop": logs["text_drop"], "tag_mask": logs["tag_mask"],
+            "epoch": epoch + 1, "step": step, "loss": sum(done.losses) / max(1, len(done.losses)),
+            "samples_per_s": done.samples / seconds, "text_drop": done.logs.get("text_drop", 0.0),
+            "tag_mask": done.logs.get("tag_mask", 0.0),
         }  # fmt: skip
         history.append(entry)
-        log(f"  epoch {entry['epoch']:3d}  loss {entry['loss']:.3f}  drop {entry['text_drop']:.2f}  "
-            f"mask {entry['tag_mask']:.2f}  {entry['samples_per_s']:.0f} samples/s")
+        if (epoch + 1) % max(1, plan.epochs // 10) == 0 or epoch + 1 == plan.epochs:
+            log(f"  epoch {entry['epoch']:3d}  step {step:5d}  loss {entry['loss']:.3f}  drop {entry['text_drop']:.2f}"
+                f"  mask {entry['tag_mask']:.2f}  {entry['samples_per_s']:.0f} samples/s")
     return history
 
 
-def run(data: str | None, epochs: int, seed: int, out: str | None = None, characters: int = 24,
-        images: int = 2400, image_size: int = 64, workers: int = 0,
+def run(data: str | None, epochs: int | None = None, seed: int = 0, out: str | None = None, characters: int = 24,
+        images: int = 2400, image_size: int = 64, workers: int = 0, steps: int | None = None,
         log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Generate (unless ``data`` is given) a synthetic dataset, train the three variants, evaluate.
-    With ``workers`` > 0 each variant trains through ``danmul train`` (Ray Train, that many workers)
-    instead of in this process. Returns ``{variant: {"image_only": metrics, "image_tags": metrics}}``."""
+    """Generate (unless ``data`` is given) a synthetic dataset, train the three variants with the same
+    step budget (``model.plan``: ``steps``, else ``epochs``, else the default), evaluate, and print the
+    table and the paper's ordering checks. With ``workers`` > 0 each variant trains through ``danmul
+    train`` (Ray Train, that many workers) instead of in this process. Returns ``{variant:
+    {"image_only": metrics, "image_tags": metrics}}``."""
     tmp = None
     if data is None:
         from ray_jobs.samples import synthetic_dataset
@@ -91,17 +98,30 @@ def run(data: str | None, epochs: int, seed: int, out: str | None = None, charac
         log(f"generating synthetic Dan:mul: {characters} characters, {images} images, {image_size}px, seed {seed}")
         data = synthetic_dataset(os.path.join(tmp, "data"), characters, images, image_size, seed=seed)
     if workers > 0:
-        return _run_distributed(data, epochs, seed, out or os.path.join(tmp or tempfile.mkdtemp(), "runs"),
-                                image_size, workers, log)
+        results = _run_distributed(data, epochs, steps, seed, out or os.path.join(tmp or tempfile.mkdtemp(), "runs"),
+                                   image_size, workers, log)
+    else:
+        results = _run_local(data, epochs, steps, seed, out, image_size, log)
+    log("\n" + format_table(results, results[next(iter(results))]["image_only"]["images"]))
+    log("\n" + "\n".join(f"{'PASS' if ok else 'FAIL'}  {what}" for what, ok in ordering_checks(results)))
+    return results
+
+
+def _run_local(data: str, epochs: int | None, steps: int | None, seed: int, out: str | None, image_size: int,
+               log: Callable[[str], None]) -> dict[str, dict]:
     storage = Storage(data)
     info = load_info(storage)
     train, test = load_split(storage, "train", info), load_split(storage, "test", info)
     vocab = TagVocab(info.tags)
     cfg = model_config_for(info, image_size=image_size)
-    fit_cfg = FitConfig(epochs=epochs, seed=seed)
+    fit_cfg = FitConfig(epochs=epochs, steps=steps, seed=seed)
+    plan = fit_cfg.plan(len(train.images))
+    log(plan.describe())
+    if plan.warning():
+        log(plan.warning())
     results = {}
     for name, curriculum in VARIANTS.items():
-        log(f"\ntraining {name} ({curriculum.kind}), {epochs} epochs on {len(train.images)} images")
+        log(f"\ntraining {name} ({curriculum.kind}): {plan.steps:,} steps on {len(train.images):,} images")
         torch.manual_seed(seed)
         net = DanmulNet(cfg)
         fit(net, train, vocab, replace(fit_cfg), curriculum, log)
@@ -111,28 +131,46 @@ def run(data: str | None, epochs: int, seed: int, out: str | None = None, charac
 
             save(Storage(out).child(name.replace(", ", "-").replace(" ", "-")), net,
                  Labels(info.characters, info.tags), results[name])
-    log("\n" + format_table(results, len(test.images)))
     return results
 
 
-def _run_distributed(data: str, epochs: int, seed: int, out: str, image_size: int, workers: int,
-                     log: Callable[[str], None]) -> dict[str, dict]:
+def _run_distributed(data: str, epochs: int | None, steps: int | None, seed: int, out: str, image_size: int,
+                     workers: int, log: Callable[[str], None]) -> dict[str, dict]:
     from ray_jobs.train import TrainConfig
     from ray_jobs.train import run as train_run
 
     results = {}
     fit_cfg = FitConfig()
     for name, c in VARIANTS.items():
-        log(f"\ntraining {name} ({c.kind}) with danmul train, {workers} workers, {epochs} epochs")
+        log(f"\ntraining {name} ({c.kind}) with danmul train, {workers} workers")
         cfg = TrainConfig(
-            data=data, out=out, name=name.replace(", ", "-").replace(" ", "-"), epochs=epochs, seed=seed,
-            workers=workers, image_size=image_size, batch_size=fit_cfg.batch_size // workers,
+            data=data, out=out, name=name.replace(", ", "-").replace(" ", "-"), epochs=epochs, steps=steps,
+            seed=seed, workers=workers, image_size=image_size, batch_size=fit_cfg.batch_size // workers,
             curriculum=c.kind, curriculum_warmup=c.warmup, curriculum_ramp=c.ramp, max_drop=c.max_drop,
             max_mask=c.max_mask, lr=fit_cfg.optim.lr,
         )  # same global batch as the single-process run
         results[name] = train_run(cfg, log=log)["test"]
-    log("\n" + format_table(results, results[next(iter(results))]["image_only"]["images"]))
     return results
+
+
+CURRICULUM_CLOSE = 0.02  # curriculum image-only top-1 within this of the image-only model's
+NO_CURRICULUM_GAP = 0.10  # no-curriculum image-only top-1 at least this far below the image-only model's
+
+
+def ordering_checks(results: dict[str, dict]) -> list[tuple[str, bool]]:
+    """The paper's three orderings, as (statement with the figures, holds) pairs."""
+    image = results["image-only"]["image_only"]["top1"]
+    cur_io = results["multimodal, curriculum"]["image_only"]["top1"]
+    cur_it = results["multimodal, curriculum"]["image_tags"]["top1"]
+    none_io = results["multimodal, no curriculum"]["image_only"]["top1"]
+    return [
+        (f"with tags beats image-only: curriculum model with tags {cur_it:.3f} > image-only model {image:.3f}",
+         cur_it > image),
+        (f"curriculum keeps image-only accuracy: {cur_io:.3f} within {CURRICULUM_CLOSE:.2f} of the image-only "
+         f"model's {image:.3f} (or above)", cur_io >= image - CURRICULUM_CLOSE),
+        (f"without curriculum image-only falls: {none_io:.3f} at least {NO_CURRICULUM_GAP:.2f} below "
+         f"{image:.3f}", none_io <= image - NO_CURRICULUM_GAP),
+    ]
 
 
 def format_table(results: dict[str, dict], n_test: int) -> str:

@@ -31,6 +31,7 @@ from ingest.storage import Storage
 from model import train as T
 from model.checkpoint import CONFIG, LABELS, METRICS, WEIGHTS, Labels, load, load_train_state, save, save_train_state
 from model.config import ModelConfig
+from model.curriculum import phase_steps
 from model.preprocess import ImageError, TrainAugment, decode, to_tensor
 from model.vocab import TagVocab
 from ray_jobs.train_config import TrainConfig
@@ -69,11 +70,29 @@ def decode_batch(batch: dict[str, np.ndarray], characters: list[str], tags: list
     }
 
 
-def make_dataset(storage: Storage, split: str, info: DatasetInfo, mcfg: ModelConfig, augment: bool):
+REPORT_MIN_IMAGES = 2048  # a step-budget run reports (validates, checkpoints) at most once per this many images
+
+
+def report_group(plan, epochs_given: bool) -> int:
+    """Epochs per report. With ``--epochs`` every epoch is reported; a step-budget run over a small split
+    groups epochs so each report covers at least :data:`REPORT_MIN_IMAGES` images: a report costs a
+    validation pass and a checkpoint, and each pass of Ray Data its start-up, which would otherwise
+    outweigh the training of a few hundred images."""
+    if epochs_given:
+        return 1
+    return max(1, min(plan.epochs, -(-REPORT_MIN_IMAGES // plan.images)))
+
+
+def make_dataset(storage: Storage, split: str, info: DatasetInfo, mcfg: ModelConfig, augment: bool,
+                 repeat: int = 1):
+    """The split as model inputs; with ``repeat`` > 1 one pass goes over the split that many times
+    (each time freshly augmented and shuffled)."""
     import ray.data
 
     ds = ray.data.read_parquet(storage.path(split), filesystem=storage.fs).select_columns(
         ["image", "character", "tags"])
+    if repeat > 1:
+        ds = ds.union(*[ds] * (repeat - 1))
     return ds.map_batches(
         decode_batch, batch_size=64, batch_format="numpy",
         fn_kwargs=dict(characters=info.characters, tags=info.tags, image_size=mcfg.image_size,
@@ -168,49 +187,53 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[danmul] resuming after epoch {start_epoch} (global step {step})", flush=True)
     curriculum = cfg.curriculum_config()
-    steps_per_epoch = max(1, config["num_train"] // (cfg.batch_size * world))
-    total_steps = cfg.epochs * steps_per_epoch
+    plan = config["plan"]
+    batch_size, total_steps, epochs, group = plan["batch_size"], plan["steps"], plan["epochs"], plan["group"]
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     train_shard = ray.train.get_dataset_shard("train")
     labels = Labels(characters, tags)
 
+    def agree(has_batch: bool) -> bool:  # every worker steps together, or none does (DDP)
+        return _all_reduce(1.0 if has_batch else 0.0, "min") > 0
+
     progress = Storage(config["run_dir"], cfg.endpoint_url) if rank == 0 else None
     gauges = _train_metrics(cfg.metrics_port) if rank == 0 else None
-    for epoch in range(start_epoch, cfg.epochs):
+    # a report covers ``group`` epochs: one pass of the train dataset, which repeats a small split
+    for first in range(start_epoch, epochs, group):
+        if step >= total_steps:
+            break
         if progress:
-            _log_progress(progress, {"event": "start", "epoch": epoch + 1, "global_step": step})
+            _log_progress(progress, {"event": "start", "epoch": first + 1, "global_step": step})
         t0 = time.perf_counter()
         bad = [0]
         good = _good_batches(train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size, local_shuffle_buffer_size=4 * cfg.batch_size, local_shuffle_seed=cfg.seed + epoch
+            batch_size=batch_size, local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=cfg.seed + first
         ), device, bad)
-        losses, samples, logs = [], 0, {}
-        while True:
-            batch = next(good, None)
-            if _all_reduce(1.0 if batch else 0.0, "min") == 0:  # every worker steps together, or none does (DDP)
-                for _ in good:  # drain this worker's leftovers (a batch or so) so every bad row is counted
-                    pass
-                break
-            logs = T.train_step(net, optimizer, batch, step, total_steps, optim, curriculum, generator,
-                                torch.bfloat16 if use_bf16 else None)
-            losses.append(logs["loss"])
-            samples += len(batch["characters"])
-            step += 1
+        pass_start = step
+
+        def on_step(at: int, logs: dict[str, float], pass_start=pass_start, first=first) -> None:
             if gauges:
                 gauges.TRAIN_LOSS.set(logs["loss"])
-                gauges.TRAIN_STEP.set(step)
+                gauges.TRAIN_STEP.set(at)
                 gauges.TRAIN_TEXT_DROP.set(logs.get("text_drop", 0.0))
-            if len(losses) == 1:
-                _maybe_fail(epoch, rank)
+            if at == pass_start + 1:
+                _maybe_fail(first, rank)
+
+        done = T.train_pass(net, optimizer, good, step, total_steps, optim, curriculum, generator,
+                            torch.bfloat16 if use_bf16 else None, agree=agree, on_step=on_step)
+        for _ in good:  # drain this worker's leftovers (a batch or so) so every bad row is counted
+            pass
+        step = done.step
         seconds = time.perf_counter() - t0
+        epoch = epochs if step >= total_steps else min(epochs, first + group)
         metrics = {
-            "epoch": epoch + 1,
+            "epoch": epoch,
             "global_step": step,
-            "train_loss": _all_reduce(float(np.mean(losses)) if losses else 0.0) / world,
-            "samples_per_s": _all_reduce(samples / seconds),
+            "train_loss": _all_reduce(float(np.mean(done.losses)) if done.losses else 0.0) / world,
+            "samples_per_s": _all_reduce(done.samples / seconds),
             "bad_images": int(_all_reduce(bad[0])),
-            "text_drop": logs.get("text_drop", 0.0),
-            "tag_mask": logs.get("tag_mask", 0.0),
+            "text_drop": done.logs.get("text_drop", 0.0),
+            "tag_mask": done.logs.get("tag_mask", 0.0),
             "epoch_seconds": seconds,
         }
         with tempfile.TemporaryDirectory() as tmp:
@@ -221,12 +244,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                torch.bfloat16 if use_bf16 else None)
                 for mode, values in v.items():
                     metrics |= {f"val_{mode}_{k}": float(x) for k, x in values.items()}
-                save(tmp, inner, labels, {"validation": v, "epoch": epoch + 1})
-                save_train_state(tmp, optimizer, {"epoch": epoch + 1, "global_step": step})
+                save(tmp, inner, labels, {"validation": v, "epoch": epoch})
+                save_train_state(tmp, optimizer, {"epoch": epoch, "global_step": step})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                print(epoch_line(metrics, cfg.epochs), flush=True)  # the worker's log; the driver prints its own
+                print(epoch_line(metrics, epochs, total_steps), flush=True)  # the worker's log; the driver prints too
                 if gauges:
-                    gauges.TRAIN_EPOCH.set(epoch + 1)
+                    gauges.TRAIN_EPOCH.set(epoch)
                     gauges.TRAIN_SAMPLES_PER_SECOND.set(metrics["samples_per_s"])
                     for mode in ("image_only", "image_tags"):
                         gauges.TRAIN_VAL_TOP1.labels(mode).set(metrics[f"val_{mode}_top1"])
@@ -249,9 +272,10 @@ def _train_metrics(port: int):
 PROGRESS = "progress.jsonl"
 
 
-def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
-    """One line per epoch, as the console shows it."""
-    return (f"[danmul] epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.3f}  val top-1 image-only "
+def epoch_line(metrics: dict[str, Any], epochs: int, steps: int) -> str:
+    """One line per report (an epoch, or a group of epochs of a small split), as the console shows it."""
+    return (f"[danmul] epoch {metrics['epoch']}/{epochs}  step {metrics['global_step']}/{steps}  loss "
+            f"{metrics['train_loss']:.3f}  val top-1 image-only "
             f"{metrics['val_image_only_top1']:.3f} / with tags {metrics['val_image_tags_top1']:.3f}  drop "
             f"{metrics['text_drop']:.2f}  {metrics['samples_per_s']:.0f} samples/s  bad images {metrics['bad_images']}")
 
@@ -260,10 +284,10 @@ class ProgressPrinter:
     """Prints the run's epoch lines on the driver as the rank-0 worker records them (``progress.jsonl``),
     so the console shows each once, whether or not the workers' own output is forwarded."""
 
-    def __init__(self, run_dir: Storage, epochs: int, log=print, every_s: float = 1.0):
+    def __init__(self, run_dir: Storage, epochs: int, steps: int, log=print, every_s: float = 1.0):
         import threading
 
-        self.run_dir, self.epochs, self.log, self.every_s = run_dir, epochs, log, every_s
+        self.run_dir, self.epochs, self.steps, self.log, self.every_s = run_dir, epochs, steps, log, every_s
         self.shown = len(read_progress(run_dir))  # what an earlier run of the same OUT/NAME recorded
         self.started = False
         self.stop = threading.Event()
@@ -289,8 +313,8 @@ class ProgressPrinter:
             return
         for event in events[self.shown :]:
             if event.get("event") == "end" and "val_image_only_top1" in event:
-                self.log(epoch_line(event, self.epochs))
-            elif event.get("event") == "start" and not self.started and event.get("epoch", 1) > 1:
+                self.log(epoch_line(event, self.epochs, self.steps))
+            elif event.get("event") == "start" and not self.started and event.get("global_step", 0) > 0:
                 self.log(f"[danmul] resuming after epoch {event['epoch'] - 1} (global step {event['global_step']})")
             self.started = self.started or event.get("event") == "start"
         self.shown = max(self.shown, len(events))
@@ -347,12 +371,19 @@ def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
     workers = cfg.workers or (max(1, int(gpus_available // gpus)) if gpus else 2)
     log(f"training {cfg.preset} ({mcfg.image_model} at {mcfg.image_size}px, {info.num_characters} characters, "
         f"{len(info.tags)} tags) on {workers} worker(s) x {gpus or 0:g} GPU, run {run_dir.uri}")
+    plan = cfg.plan(info.splits["train"], workers)
+    curriculum = cfg.curriculum_config()
+    log(plan.describe(phase_steps(curriculum, plan.steps)))
+    if plan.warning():
+        log(plan.warning())
+    group = report_group(plan, cfg.epochs is not None)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "train": dataclasses.asdict(cfg), "model": mcfg.to_dict(), "characters": info.characters,
-            "tags": info.tags, "num_train": info.splits["train"], "run_dir": run_dir.uri,
+            "tags": info.tags, "run_dir": run_dir.uri,
+            "plan": {"batch_size": plan.batch_size, "steps": plan.steps, "epochs": plan.epochs, "group": group},
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=gpus > 0,
@@ -366,11 +397,11 @@ def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
                                                checkpoint_score_attribute=cfg.checkpoint_metric,
                                                checkpoint_score_order="max"),
         ),
-        datasets={"train": make_dataset(data, "train", info, mcfg, augment=True),
+        datasets={"train": make_dataset(data, "train", info, mcfg, augment=True, repeat=group),
                   "val": make_dataset(data, "val", info, mcfg, augment=False)},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )  # fmt: skip
-    with ProgressPrinter(run_dir, cfg.epochs, log):
+    with ProgressPrinter(run_dir, plan.epochs, plan.steps, log):
         result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
@@ -400,14 +431,34 @@ def export_and_evaluate(best, dest: Storage, data: Storage, info: DatasetInfo, c
     skipped = [0]
     char_t, tag_t = T.calibrate(net, lambda: stream_batches(data, "val", info, vocab, mcfg, 128, skipped=skipped),
                                 cfg.target_precision)
-    test = T.evaluate(net, lambda: stream_batches(data, "test", info, vocab, mcfg, 128, skipped=skipped))
+    test = T.evaluate(net, lambda: stream_batches(data, "test", info, vocab, mcfg, 128, skipped=skipped),
+                      thresholds=char_t)
     metrics = {"test": test, "validation": ckpt.metrics.get("validation"), "best_epoch": ckpt.metrics.get("epoch"),
                "epochs_run": epochs_run, "skipped_images": skipped[0], "model": ckpt.version}
     dest.write_bytes(LABELS, _labels_json(Labels(info.characters, info.tags, char_t, tag_t, cfg.target_precision)))
     dest.write_bytes(METRICS, _json(metrics))
     log(format_eval(test, f"test split, model {ckpt.version}"))
+    log(f"answered and precision: at the abstention thresholds calibrated on val for precision {cfg.target_precision}")
+    verdict = weak_model_advice(test, cfg.target_precision)
+    if verdict:
+        log(verdict)
     log(f"exported to {dest.uri}")
     return metrics
+
+
+MIN_COVERAGE = 0.5  # below this share answered image-only, the end of training says the model is weak
+
+
+def weak_model_advice(test: dict[str, dict[str, float]], target_precision: float) -> str | None:
+    """What to change when the calibrated model would answer too few image-only uploads, or None."""
+    coverage = test["image_only"].get("coverage")
+    if coverage is None or coverage >= MIN_COVERAGE:
+        return None
+    return (f"warning: at precision {target_precision} the model answers only {coverage:.0%} of image-only test "
+            f"images (with tags {test['image_tags'].get('coverage', float('nan')):.0%}): the streaming tagger will "
+            "abstain on most uploads. Train longer (--steps, or leave --epochs unset for the default budget), add "
+            "images (at least 10 per character, more for look-alikes), start from pretrained image weights "
+            "(--pretrained-image), or accept more mistakes (--target-precision 0.8).")
 
 
 def _json(obj: Any) -> bytes:
@@ -421,17 +472,23 @@ def _labels_json(labels: Labels) -> bytes:
 
 
 def format_eval(metrics: dict[str, dict[str, float]], title: str) -> str:
-    rows = [f"| {title} | top-1 | top-5 | tag mAP | tag F1 (P=R) | images |", "|---|---|---|---|---|---|"]
+    """The evaluation table; answered (coverage) and precision columns when thresholds were applied."""
+    answered = "coverage" in metrics["image_only"]
+    extra = " answered | precision |" if answered else ""
+    rows = [f"| {title} | top-1 | top-5 | tag mAP | tag F1 (P=R) |{extra} images |",
+            "|---|---|---|---|---|" + ("---|---|" if answered else "") + "---|"]
     for mode, label in (("image_only", "image only"), ("image_tags", "image + tags")):
         m = metrics[mode]
-        rows.append(f"| {label} | {m['top1']:.3f} | {m['top5']:.3f} | {m['tag_map']:.3f} | {m['tag_f1']:.3f} "
-                    f"| {m['images']} |")
+        cells = f" {m['coverage']:.3f} | {m['precision']:.3f} |" if answered else ""
+        rows.append(f"| {label} | {m['top1']:.3f} | {m['top5']:.3f} | {m['tag_map']:.3f} | {m['tag_f1']:.3f} |"
+                    f"{cells} {m['images']} |")
     return "\n".join(rows)
 
 
 def evaluate_checkpoint(checkpoint: str, data_uri: str, split: str = "test", endpoint_url: str | None = None,
                         batch_size: int = 128) -> dict[str, dict[str, float]]:
-    """``danmul eval``: the same table for any checkpoint and split (one process, streaming)."""
+    """``danmul eval``: the same table for any checkpoint and split (one process, streaming); with the
+    checkpoint's calibrated abstention thresholds, the share answered and the precision of the answers."""
     from ray_jobs.local_data import stream_batches
     from ray_jobs.model_io import load_checkpoint
 
@@ -441,7 +498,9 @@ def evaluate_checkpoint(checkpoint: str, data_uri: str, split: str = "test", end
     if info.characters != ckpt.labels.characters:
         raise ValueError("the checkpoint's characters differ from the dataset's: not trained on this dataset")
     vocab = TagVocab(info.tags)
-    return T.evaluate(ckpt.net, lambda: stream_batches(data, split, info, vocab, ckpt.config, batch_size))
+    calibrated = ckpt.labels.abstain_precision is not None
+    return T.evaluate(ckpt.net, lambda: stream_batches(data, split, info, vocab, ckpt.config, batch_size),
+                      thresholds=ckpt.labels.character_thresholds if calibrated else None)
 
 
 if __name__ == "__main__":  # pragma: no cover

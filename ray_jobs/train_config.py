@@ -23,8 +23,12 @@ class TrainConfig:
     preset: str = field(default="tiny", metadata={"help": "model preset: tiny or base"})
     image_size: int | None = field(default=None, metadata={"help": "model input size (default: the preset's)"})
     pretrained_image: str | None = field(default=None, metadata={"help": "safetensors ViT weights, path or s3://"})
-    epochs: int = field(default=10, metadata={"help": "training epochs"})
-    batch_size: int = field(default=64, metadata={"help": "batch size per worker"})
+    epochs: int | None = field(default=None, metadata={
+        "help": "passes over the train split (default: from the step budget; see --steps)"})
+    steps: int | None = field(default=None, metadata={
+        "help": "optimizer steps in all (default: the larger of 10 epochs and the preset's floor, 2000 for tiny)"})
+    batch_size: int = field(default=64, metadata={
+        "help": "batch size per worker (smaller when the train split holds under 8 batches per worker)"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW, warm-up then cosine)"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     label_smoothing: float = field(default=0.0, metadata={"help": "character cross-entropy label smoothing"})
@@ -51,6 +55,12 @@ class TrainConfig:
     endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (else AWS_ENDPOINT_URL)"})
     metrics_port: int = field(default=0, metadata={
         "help": "serve danmul_train_* metrics from the rank-0 worker on this port (0: off)"})
+
+    def plan(self, images: int, workers: int):
+        """The step budget for ``images`` train images on ``workers`` workers (``model.plan``)."""
+        from model.plan import make_plan
+
+        return make_plan(images, self.batch_size, workers, self.epochs, self.steps, self.preset)
 
     def curriculum_config(self) -> CurriculumConfig:
         from model.curriculum import CurriculumConfig

@@ -1,0 +1,93 @@
+"""How long to train: a budget in optimizer steps, chosen from the dataset's size.
+
+Every schedule (learning-rate warm-up and cosine decay, the curriculum's phases) is defined over
+optimizer steps, so the number of steps is what decides whether a model learns. Ten epochs of the
+paper's 1.6 M images are tens of thousands of steps; ten epochs of a platform's first 600 images are
+about forty, and nothing learns in forty steps. So unless the user fixes ``epochs`` or ``steps``, a
+plan takes the larger of ``default_epochs`` epochs and the preset's floor (:data:`MIN_STEPS`), and
+the per-worker batch shrinks when the train split holds fewer than :data:`MIN_BATCHES_PER_WORKER`
+batches per worker. No imports beyond the standard library: the command line reads it cheaply.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MIN_STEPS = {"tiny": 2000, "base": 5000}  # floor of a default plan, per model preset
+MIN_BATCHES_PER_WORKER = 8  # below this many batches per worker and epoch, the batch shrinks
+MIN_BATCH = 8
+SHORT_PLAN_STEPS = 300  # fewer steps than this learn little from scratch: the plan line warns
+DEFAULT_EPOCHS = 10
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    images: int  # images in the train split
+    workers: int
+    batch_size: int  # per worker
+    requested_batch_size: int
+    steps: int  # optimizer steps in all
+    how: str  # "steps", "epochs" or "default": what fixed the length
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.workers
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps in one pass over the train split (every worker steps together; a last partial batch counts)."""
+        return max(1, self.images // self.global_batch)
+
+    @property
+    def epochs(self) -> int:
+        """Passes over the train split needed for :attr:`steps` (the last may stop early)."""
+        return max(1, math.ceil(self.steps / self.steps_per_epoch))
+
+    def describe(self, phases: dict[str, int] | None = None) -> str:
+        """The line printed when training starts."""
+        batch = f"batch {self.batch_size} x {self.workers} worker{'s' if self.workers != 1 else ''}"
+        if self.batch_size != self.requested_batch_size:
+            batch += f" (from {self.requested_batch_size}: the train split holds few batches per worker)"
+        why = {"default": f"the larger of {DEFAULT_EPOCHS} epochs and the preset's floor", "epochs": "--epochs",
+               "steps": "--steps"}[self.how]  # fmt: skip
+        line = (f"plan: {self.images:,} images, {batch}, {self.steps:,} steps = {self.epochs:,} epochs "
+                f"({self.steps_per_epoch:,} steps each; {why})")
+        if phases:
+            line += "; " + ", ".join(f"{name} at step {step:,}" for name, step in phases.items())
+        return line
+
+    def warning(self) -> str | None:
+        """Why this plan may not learn, or None."""
+        if self.steps >= SHORT_PLAN_STEPS:
+            return None
+        return (f"warning: {self.steps} optimizer steps are too few to learn from scratch (a model needs some "
+                f"hundreds at least): leave --epochs and --steps unset for the default plan, or give "
+                f"--steps {MIN_STEPS['tiny']} or more")
+
+
+def make_plan(images: int, batch_size: int, workers: int = 1, epochs: int | None = None, steps: int | None = None,
+              preset: str = "tiny", min_steps: int | None = None) -> TrainingPlan:
+    """The plan for ``images`` train images. ``steps`` wins over ``epochs``; with neither, the default
+    budget: ``max(DEFAULT_EPOCHS epochs, min_steps)`` (``min_steps`` defaults to the preset's floor)."""
+    if images < 1:
+        raise ValueError("the train split is empty: nothing to train on")
+    if batch_size < 1 or workers < 1:
+        raise ValueError("batch size and workers must be at least 1")
+    if steps is not None and steps < 1:
+        raise ValueError("--steps must be at least 1")
+    if epochs is not None and epochs < 1:
+        raise ValueError("--epochs must be at least 1")
+    per_worker = images // workers
+    batch = batch_size
+    if per_worker < MIN_BATCHES_PER_WORKER * batch_size:
+        batch = max(1, min(batch_size, max(MIN_BATCH, per_worker // MIN_BATCHES_PER_WORKER)))
+    plan = TrainingPlan(images, workers, batch, batch_size, 1, "default")
+    if steps is not None:
+        total, how = steps, "steps"
+    elif epochs is not None:
+        total, how = epochs * plan.steps_per_epoch, "epochs"
+    else:
+        floor = MIN_STEPS.get(preset, MIN_STEPS["tiny"]) if min_steps is None else min_steps
+        total, how = max(DEFAULT_EPOCHS * plan.steps_per_epoch, floor), "default"
+    return TrainingPlan(images, workers, batch, batch_size, total, how)

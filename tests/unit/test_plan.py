@@ -1,0 +1,84 @@
+"""The training budget: steps chosen from the dataset's size, the batch adapting to a small split, the
+plan line and its warning, the curriculum phases over steps, and the report grouping of Ray Train runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.curriculum import CurriculumConfig, phase_steps, schedule
+from model.plan import DEFAULT_EPOCHS, MIN_STEPS, SHORT_PLAN_STEPS, make_plan
+from ray_jobs.train import REPORT_MIN_IMAGES, report_group
+from ray_jobs.train_config import TrainConfig
+
+
+def test_a_small_dataset_gets_the_preset_floor_and_a_smaller_batch():
+    plan = make_plan(430, batch_size=64, workers=2)  # the 614-image look-alike set's train split
+    assert plan.batch_size == 430 // 2 // 8 == 26  # 8 batches per worker and epoch
+    assert plan.steps == MIN_STEPS["tiny"] == 2000
+    assert plan.steps_per_epoch == 430 // 52 == 8
+    assert plan.epochs == 250  # 2000 / 8
+    assert plan.warning() is None
+    line = plan.describe({"text dropping from": 200})
+    for part in ("430 images", "batch 26 x 2 workers (from 64", "2,000 steps = 250 epochs",
+                 "text dropping from at step 200"):
+        assert part in line
+
+
+def test_a_large_dataset_trains_ten_epochs_and_keeps_its_batch():
+    plan = make_plan(1_280_000, batch_size=64, workers=8, preset="base")
+    assert plan.batch_size == 64
+    assert plan.steps == DEFAULT_EPOCHS * (1_280_000 // 512) == 25_000
+    assert plan.epochs == DEFAULT_EPOCHS
+
+
+def test_steps_win_over_epochs_and_epochs_over_the_default():
+    assert make_plan(1000, 50, 1, epochs=3, steps=77).steps == 77
+    plan = make_plan(1000, 50, 1, epochs=3)
+    assert (plan.steps, plan.epochs, plan.how) == (60, 3, "epochs")
+    assert make_plan(1000, 50, 1, min_steps=10).steps == DEFAULT_EPOCHS * 20
+
+
+def test_a_plan_too_short_to_learn_says_so():
+    plan = make_plan(430, 64, 2, epochs=10)  # what ten epochs of a few hundred images used to be
+    assert plan.steps == 80 < SHORT_PLAN_STEPS
+    assert "too few to learn" in plan.warning() and "--steps" in plan.warning()
+
+
+def test_tiny_splits_still_train_with_a_batch_of_at_least_one():
+    plan = make_plan(5, 64, 2)
+    assert plan.batch_size >= 1 and plan.steps_per_epoch >= 1 and plan.steps == MIN_STEPS["tiny"]
+
+
+@pytest.mark.parametrize("kwargs", [dict(images=0), dict(batch_size=0), dict(workers=0), dict(steps=0),
+                                    dict(epochs=0), dict(steps=-3)])  # fmt: skip
+def test_impossible_plans_are_refused(kwargs):
+    args = dict(images=100, batch_size=8, workers=1) | kwargs
+    with pytest.raises(ValueError):
+        make_plan(**args)
+
+
+def test_curriculum_phases_are_named_at_the_steps_the_schedule_uses():
+    cfg = CurriculumConfig()
+    phases = phase_steps(cfg, 2000)
+    start, full = phases.values()
+    assert schedule(cfg, start - 1, 2000).drop == 0 < schedule(cfg, start + 1, 2000).drop
+    assert schedule(cfg, full, 2000).drop == pytest.approx(cfg.max_drop)
+    assert schedule(cfg, full - 50, 2000).drop < cfg.max_drop
+    assert phase_steps(CurriculumConfig(kind="none"), 2000) == {}
+
+
+def test_train_config_plans_from_its_flags():
+    cfg = TrainConfig(data="d", out="o")
+    assert cfg.plan(430, 2).steps == 2000
+    assert TrainConfig(data="d", out="o", steps=500).plan(430, 2).steps == 500
+    assert TrainConfig(data="d", out="o", epochs=4).plan(430, 2).epochs == 4
+
+
+def test_reports_group_epochs_of_a_small_split_unless_epochs_were_asked_for():
+    small = make_plan(430, 64, 2)
+    assert report_group(small, epochs_given=True) == 1
+    group = report_group(small, epochs_given=False)
+    assert group * 430 >= REPORT_MIN_IMAGES > (group - 1) * 430
+    assert report_group(make_plan(1_280_000, 64, 8), epochs_given=False) == 1
+    short = make_plan(430, 64, 2, steps=16)  # two epochs in all: one report covers them
+    assert report_group(short, epochs_given=False) == short.epochs == 2
