@@ -53,7 +53,9 @@ class BuildConfig:
     images: str = field(metadata={"help": "root of the 512px image tree ({id % 1000:04d}/{id}.jpg)"})
     out: str = field(metadata={"help": "output dataset URI (local folder or s3://bucket/prefix)"})
     min_images: int = field(default=10, metadata={"help": "drop characters with fewer posts than this"})
-    min_tag_count: int = field(default=10, metadata={"help": "keep general tags in at least this many posts"})
+    min_tag_count: int = field(default=5, metadata={
+        "help": "keep general tags in at least this many posts (half the smallest class: a tag naming a detail of "
+                "the rarest character survives; --max-tags bounds the vocabulary at scale)"})
     max_tags: int = field(default=10000, metadata={"help": "keep at most this many general tags (0: no cap)"})
     splits: str = field(default="0.8,0.1,0.1", metadata={"help": "train,val,test fractions per character"})
     seed: int = field(default=0, metadata={"help": "seed of the train/val/test split"})

@@ -82,3 +82,73 @@ def test_reports_group_epochs_of_a_small_split_unless_epochs_were_asked_for():
     assert report_group(make_plan(1_280_000, 64, 8), epochs_given=False) == 1
     short = make_plan(430, 64, 2, steps=16)  # two epochs in all: one report covers them
     assert report_group(short, epochs_given=False) == short.epochs == 2
+
+
+def test_coverage_and_precision_at_thresholds_count_answers_and_abstentions():
+    import numpy as np
+
+    from model.metrics import answered_at_thresholds
+
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55]])
+    labels = np.array([0, 1, 1, 1])
+    # class 0 answers from 0.7, class 1 from 0.5: rows 0, 2, 3 answered; row 1 (0.6 < 0.7) abstains
+    assert answered_at_thresholds(probs, labels, np.array([0.7, 0.5])) == (0.75, 1.0)
+    coverage, precision = answered_at_thresholds(probs, labels, np.array([0.5, 0.9]))  # rows 0 and 1 answered
+    assert (coverage, precision) == (0.5, 0.5)
+    coverage, precision = answered_at_thresholds(probs, labels, np.array([1.0, 1.0]))
+    assert coverage == 0 and np.isnan(precision)
+
+
+def test_training_warns_when_the_model_would_abstain_on_most_uploads():
+    from ray_jobs.train import format_eval, weak_model_advice
+
+    def test_metrics(coverage: float) -> dict:
+        one = {"top1": 0.3, "top5": 0.8, "tag_map": 0.5, "tag_f1": 0.5, "images": 100, "coverage": coverage,
+               "precision": 0.9}
+        return {"image_only": one, "image_tags": dict(one, coverage=0.4)}
+
+    advice = weak_model_advice(test_metrics(0.05), 0.9)
+    assert "answers only 5% of image-only" in advice and "--steps" in advice and "--target-precision" in advice
+    assert weak_model_advice(test_metrics(0.7), 0.9) is None
+    table = format_eval(test_metrics(0.05), "test")
+    assert "| answered | precision |" in table and "| 0.050 | 0.900 |" in table
+
+
+def test_the_paper_ordering_checks_pass_and_fail_on_the_numbers():
+    from ray_jobs.paper_claim import ordering_checks
+
+    def results(image: float, cur_io: float, cur_it: float, none_io: float) -> dict:
+        return {"image-only": {"image_only": {"top1": image}},
+                "multimodal, curriculum": {"image_only": {"top1": cur_io}, "image_tags": {"top1": cur_it}},
+                "multimodal, no curriculum": {"image_only": {"top1": none_io}}}  # fmt: skip
+
+    assert [ok for _, ok in ordering_checks(results(0.80, 0.79, 0.95, 0.30))] == [True, True, True]
+    assert [ok for _, ok in ordering_checks(results(0.80, 0.77, 0.79, 0.75))] == [False, False, False]
+    lines = [what for what, _ in ordering_checks(results(0.80, 0.79, 0.95, 0.30))]
+    assert "0.950 > image-only model 0.800" in lines[0]
+
+
+def test_a_pass_stops_at_the_budget_or_when_the_workers_do_not_all_have_a_batch():
+    import itertools
+
+    import torch
+
+    from model import train as T
+    from model.config import preset
+    from model.network import DanmulNet
+
+    cfg = preset("tiny", num_characters=3, num_tags=6, image_size=16, patch_size=8)
+    torch.manual_seed(0)
+    net = DanmulNet(cfg)
+    optim = T.OptimConfig()
+    optimizer = T.make_optimizer(net, optim)
+    batch = {"images": torch.randn(4, 3, 16, 16), "tag_ids": torch.tensor([[1, 5, 6, 2]] * 4),
+             "characters": torch.tensor([0, 1, 2, 0]), "tag_targets": torch.zeros(4, 6)}  # fmt: skip
+    seen = []
+    done = T.train_pass(net, optimizer, itertools.repeat(batch), 7, 10, optim, CurriculumConfig(),
+                        on_step=lambda step, logs: seen.append(step))
+    assert (done.step, done.samples, seen) == (10, 12, [8, 9, 10])  # from step 7 to the budget of 10
+    batches = iter([batch] * 5)
+    votes = iter([True, True, False])  # the third step: another worker has run out
+    done = T.train_pass(net, optimizer, batches, 0, 100, optim, CurriculumConfig(), agree=lambda has: next(votes))
+    assert done.step == 2 and len(done.losses) == 2 and len(list(batches)) == 2  # the rest is left to the caller
