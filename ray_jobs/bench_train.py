@@ -25,7 +25,7 @@ def in_memory_loop(config: dict[str, Any]) -> float:
     import ray.train
     import ray.train.torch
 
-    from model import train as T
+    from model import train as training
     from model.config import ModelConfig
     from model.curriculum import CurriculumConfig
     from model.network import DanmulNet
@@ -35,8 +35,8 @@ def in_memory_loop(config: dict[str, Any]) -> float:
     torch.manual_seed(0)
     net = ray.train.torch.prepare_model(DanmulNet(mcfg))
     device = ray.train.torch.get_device()
-    optim = T.OptimConfig()
-    optimizer = T.make_optimizer(net, optim)
+    optim = training.OptimConfig()
+    optimizer = training.make_optimizer(net, optim)
     b = config["batch_size"]
     batch = {  # one batch, made once: no input pipeline at all
         "images": torch.randn(b, 3, mcfg.image_size, mcfg.image_size, device=device),
@@ -50,7 +50,7 @@ def in_memory_loop(config: dict[str, Any]) -> float:
     step, rates = 0, []
     for epoch in range(config["epochs"]):
         t0 = time.perf_counter()
-        step = T.train_pass(net, optimizer, itertools.repeat(batch, steps), step, total, optim, curriculum).step
+        step = training.train_pass(net, optimizer, itertools.repeat(batch, steps), step, total, optim, curriculum).step
         rates.append(_all_reduce(steps * b / (time.perf_counter() - t0)))
         ray.train.report({"epoch": epoch + 1, "samples_per_s": rates[-1]})
     return float(np.mean(rates[1:])) if len(rates) > 1 else rates[0]  # Result.return_value (rank 0)

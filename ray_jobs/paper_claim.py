@@ -25,7 +25,7 @@ import torch
 
 from ingest.shards import load_info
 from ingest.storage import Storage
-from model import train as T
+from model import train as training
 from model.curriculum import CurriculumConfig
 from model.network import DanmulNet
 from model.plan import TrainingPlan, make_plan
@@ -47,7 +47,7 @@ class FitConfig:
     steps: int | None = None
     batch_size: int = 64
     seed: int = 0
-    optim: T.OptimConfig = field(default_factory=T.OptimConfig)
+    optim: training.OptimConfig = field(default_factory=training.OptimConfig)
 
     def plan(self, images: int) -> TrainingPlan:
         return make_plan(images, self.batch_size, 1, self.epochs, self.steps)
@@ -59,13 +59,13 @@ def fit(net: DanmulNet, train: Split, vocab: TagVocab, fit_cfg: FitConfig, curri
     curriculum values). Logs about ten lines however many epochs the plan has."""
     torch.manual_seed(fit_cfg.seed)
     generator = torch.Generator().manual_seed(fit_cfg.seed)
-    optimizer = T.make_optimizer(net, fit_cfg.optim)
+    optimizer = training.make_optimizer(net, fit_cfg.optim)
     augment = TrainAugment(seed=fit_cfg.seed)
     plan = fit_cfg.plan(len(train.images))
     history, step = [], 0
     for epoch in range(plan.epochs):
         t0 = time.perf_counter()
-        done = T.train_pass(net, optimizer, batches(train, vocab, net.cfg, plan.batch_size, augment,
+        done = training.train_pass(net, optimizer, batches(train, vocab, net.cfg, plan.batch_size, augment,
                                                     shuffle_seed=fit_cfg.seed * 1000 + epoch, drop_last=True),
                             step, plan.steps, fit_cfg.optim, curriculum, generator)  # fmt: skip
         step = done.step
@@ -125,7 +125,7 @@ def _run_local(data: str, epochs: int | None, steps: int | None, seed: int, out:
         torch.manual_seed(seed)
         net = DanmulNet(cfg)
         fit(net, train, vocab, replace(fit_cfg), curriculum, log)
-        results[name] = T.evaluate(net, lambda: batches(test, vocab, cfg, 128))
+        results[name] = training.evaluate(net, lambda: batches(test, vocab, cfg, 128))
         if out:
             from model.checkpoint import Labels, save
 

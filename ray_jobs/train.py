@@ -28,7 +28,7 @@ import torch
 from ingest.schema import DatasetInfo
 from ingest.shards import load_info
 from ingest.storage import Storage
-from model import train as T
+from model import train as training
 from model.checkpoint import CONFIG, LABELS, METRICS, WEIGHTS, Labels, load, load_train_state, save, save_train_state
 from model.config import ModelConfig
 from model.curriculum import phase_steps
@@ -179,7 +179,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     net = ray.train.torch.prepare_model(net)
     inner = net.module if hasattr(net, "module") else net
     optim = cfg.optim_config()
-    optimizer = T.make_optimizer(net, optim)
+    optimizer = training.make_optimizer(net, optim)
     if resumed:
         with resumed.as_directory() as d:
             state = load_train_state(d, optimizer)
@@ -219,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if at == pass_start + 1:
                 _maybe_fail(first, rank)
 
-        done = T.train_pass(net, optimizer, good, step, total_steps, optim, curriculum, generator,
+        done = training.train_pass(net, optimizer, good, step, total_steps, optim, curriculum, generator,
                             torch.bfloat16 if use_bf16 else None, agree=agree, on_step=on_step)
         for _ in good:  # drain this worker's leftovers (a batch or so) so every bad row is counted
             pass
@@ -240,8 +240,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             checkpoint = None
             if rank == 0:
                 val_shard = ray.train.get_dataset_shard("val")
-                v = T.evaluate(inner, lambda s=val_shard: _good_batches(s.iter_torch_batches(batch_size=128), device),
-                               torch.bfloat16 if use_bf16 else None)
+                v = training.evaluate(
+                    inner, lambda s=val_shard: _good_batches(s.iter_torch_batches(batch_size=128), device),
+                    torch.bfloat16 if use_bf16 else None)
                 for mode, values in v.items():
                     metrics |= {f"val_{mode}_{k}": float(x) for k, x in values.items()}
                 save(tmp, inner, labels, {"validation": v, "epoch": epoch})
@@ -429,9 +430,9 @@ def export_and_evaluate(best, dest: Storage, data: Storage, info: DatasetInfo, c
     from ray_jobs.local_data import stream_batches
 
     skipped = [0]
-    char_t, tag_t = T.calibrate(net, lambda: stream_batches(data, "val", info, vocab, mcfg, 128, skipped=skipped),
-                                cfg.target_precision)
-    test = T.evaluate(net, lambda: stream_batches(data, "test", info, vocab, mcfg, 128, skipped=skipped),
+    char_t, tag_t = training.calibrate(
+        net, lambda: stream_batches(data, "val", info, vocab, mcfg, 128, skipped=skipped), cfg.target_precision)
+    test = training.evaluate(net, lambda: stream_batches(data, "test", info, vocab, mcfg, 128, skipped=skipped),
                       thresholds=char_t)
     metrics = {"test": test, "validation": ckpt.metrics.get("validation"), "best_epoch": ckpt.metrics.get("epoch"),
                "epochs_run": epochs_run, "skipped_images": skipped[0], "model": ckpt.version}
@@ -499,7 +500,7 @@ def evaluate_checkpoint(checkpoint: str, data_uri: str, split: str = "test", end
         raise ValueError("the checkpoint's characters differ from the dataset's: not trained on this dataset")
     vocab = TagVocab(info.tags)
     calibrated = ckpt.labels.abstain_precision is not None
-    return T.evaluate(ckpt.net, lambda: stream_batches(data, split, info, vocab, ckpt.config, batch_size),
+    return training.evaluate(ckpt.net, lambda: stream_batches(data, split, info, vocab, ckpt.config, batch_size),
                       thresholds=ckpt.labels.character_thresholds if calibrated else None)
 
 

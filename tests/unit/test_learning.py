@@ -13,7 +13,7 @@ import torch
 from ingest.shards import iter_examples, load_info
 from ingest.storage import Storage
 from ingest.synth import SynthConfig, synthesize
-from model import train as T
+from model import train as training
 from model.checkpoint import Labels, save
 from model.network import DanmulNet
 from model.tagger import Tagger
@@ -42,7 +42,7 @@ def test_short_training_learns_and_tagger_agrees(tmp_path):
     assert history[-1]["loss"] < 0.7 * history[0]["loss"]
     assert history[-1]["text_drop"] > 0.5  # the curriculum ran
 
-    metrics = T.evaluate(net, lambda: batches(test, vocab, cfg, 64))
+    metrics = training.evaluate(net, lambda: batches(test, vocab, cfg, 64))
     majority = max(Counter(test.characters.tolist()).values()) / len(test.characters)
     print(f"majority {majority:.2f}; {metrics}")
     assert metrics["image_only"]["top1"] >= max(0.5, 1.4 * majority)  # uniform chance is 0.125

@@ -133,22 +133,23 @@ def test_a_pass_stops_at_the_budget_or_when_the_workers_do_not_all_have_a_batch(
 
     import torch
 
-    from model import train as T
+    from model import train as training
     from model.config import preset
     from model.network import DanmulNet
 
     cfg = preset("tiny", num_characters=3, num_tags=6, image_size=16, patch_size=8)
     torch.manual_seed(0)
     net = DanmulNet(cfg)
-    optim = T.OptimConfig()
-    optimizer = T.make_optimizer(net, optim)
+    optim = training.OptimConfig()
+    optimizer = training.make_optimizer(net, optim)
     batch = {"images": torch.randn(4, 3, 16, 16), "tag_ids": torch.tensor([[1, 5, 6, 2]] * 4),
              "characters": torch.tensor([0, 1, 2, 0]), "tag_targets": torch.zeros(4, 6)}  # fmt: skip
     seen = []
-    done = T.train_pass(net, optimizer, itertools.repeat(batch), 7, 10, optim, CurriculumConfig(),
+    done = training.train_pass(net, optimizer, itertools.repeat(batch), 7, 10, optim, CurriculumConfig(),
                         on_step=lambda step, logs: seen.append(step))
     assert (done.step, done.samples, seen) == (10, 12, [8, 9, 10])  # from step 7 to the budget of 10
     batches = iter([batch] * 5)
     votes = iter([True, True, False])  # the third step: another worker has run out
-    done = T.train_pass(net, optimizer, batches, 0, 100, optim, CurriculumConfig(), agree=lambda has: next(votes))
+    done = training.train_pass(net, optimizer, batches, 0, 100, optim, CurriculumConfig(),
+                               agree=lambda has: next(votes))
     assert done.step == 2 and len(done.losses) == 2 and len(list(batches)) == 2  # the rest is left to the caller
