@@ -33,8 +33,9 @@ def test_help_lists_every_command_with_defaults():
         assert command in out
     for sub in (["data", "build"], ["data", "synth"], ["data", "stats"], ["bench", "build"], ["demo"]):
         assert danmul(*sub, "--help").stdout.startswith("usage: danmul")
-    build_help = danmul("data", "build", "--help").stdout
-    assert "--min-images" in build_help and "(default: 10)" in build_help
+    build_help = " ".join(danmul("data", "build", "--help").stdout.split())  # as read, whatever the wrapping
+    assert "--min-images MIN_IMAGES drop characters with fewer posts than this (default: 10)" in build_help
+    assert "--min-tag-count" in build_help and "(default: 5)" in build_help
 
 
 def test_synth_then_stats(tmp_path):
