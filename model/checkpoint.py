@@ -2,7 +2,8 @@
 
 - ``model.safetensors``: the weights (never a pickle);
 - ``config.json``: ``{"format", "version", "model": ModelConfig}``: architecture and preprocessing;
-- ``labels.json``: characters, tags, per-character abstention thresholds, per-tag thresholds;
+- ``labels.json``: characters, tags, per-character abstention thresholds (image-only, and optionally
+  for uploads with tags), per-tag thresholds;
 - ``metrics.json``: the evaluation that came with it.
 
 The model version is the first 12 hex digits of the SHA-256 of ``model.safetensors``.
@@ -70,10 +71,16 @@ class Labels:
     character_thresholds: list[float] = field(default_factory=list)  # abstain below; per class
     tag_thresholds: list[float] = field(default_factory=list)  # per tag
     abstain_precision: float | None = None  # the precision the character thresholds target
+    # for uploads that came with tags (the model is surer then); empty: the image-only ones serve both
+    character_thresholds_with_tags: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.character_thresholds:
             self.character_thresholds = [0.0] * len(self.characters)
+        if not self.character_thresholds_with_tags:
+            self.character_thresholds_with_tags = list(self.character_thresholds)
+        if len(self.character_thresholds_with_tags) != len(self.characters):
+            raise ValueError("labels.json: character_thresholds_with_tags does not match the characters")
         if not self.tag_thresholds:
             self.tag_thresholds = [DEFAULT_TAG_THRESHOLD] * len(self.tags)
         if len(self.character_thresholds) != len(self.characters) or len(self.tag_thresholds) != len(self.tags):

@@ -58,6 +58,8 @@ class Tagger:
         self.preprocess = Preprocessor.from_config(self.config)
         self.batch_size = batch_size
         self.character_thresholds = np.asarray(self.labels.character_thresholds, dtype=np.float32)
+        self.character_thresholds_with_tags = np.asarray(self.labels.character_thresholds_with_tags,
+                                                         dtype=np.float32)
         self.tag_thresholds = np.asarray(self.labels.tag_thresholds, dtype=np.float32)
         # bf16 on GPU; exact fp32 on CPU, where bf16 is slow and changes numbers
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
@@ -76,6 +78,9 @@ class Tagger:
             dtype=np.float32)  # fmt: skip
         self.character_thresholds = np.asarray(
             self.labels.character_thresholds if character_threshold is None
+            else [character_threshold] * len(self.labels.characters), dtype=np.float32)  # fmt: skip
+        self.character_thresholds_with_tags = np.asarray(
+            self.labels.character_thresholds_with_tags if character_threshold is None
             else [character_threshold] * len(self.labels.characters), dtype=np.float32)  # fmt: skip
 
     # -- prediction -----------------------------------------------------------------------------------
@@ -103,7 +108,8 @@ class Tagger:
         for start in range(0, n, self.batch_size):
             end = start + self.batch_size
             chars, tag_probs = self.scores(pixels[start:end], tags[start:end])
-            out += [self.decode(c, t, top_k) for c, t in zip(chars, tag_probs, strict=True)]
+            out += [self.decode(c, t, top_k, with_tags=bool(given))
+                    for c, t, given in zip(chars, tag_probs, tags[start:end], strict=True)]
         return out
 
     def predict(self, images: Sequence[bytes | Image.Image], tags: Sequence[Sequence[str] | None] | None = None,
@@ -116,16 +122,18 @@ class Tagger:
         return self.predict_tensors(self.preprocess.batch(images), tags, top_k)
 
     def decode(self, char_probs: np.ndarray, tag_probs: np.ndarray, top_k: int = 5,
-               threshold: float | None = None) -> Prediction:
-        """One image's probabilities -> a :class:`Prediction`. With ``threshold``, that one value replaces
-        every calibrated threshold for this image (Danbooru's ``/evaluate`` asks for one): characters and
-        tags at or above it are listed."""
+               threshold: float | None = None, with_tags: bool = False) -> Prediction:
+        """One image's probabilities -> a :class:`Prediction`. The character abstention thresholds are
+        those calibrated for uploads with tags when ``with_tags`` (tags came with it), else the
+        image-only ones. With ``threshold``, that one value replaces every calibrated threshold for this
+        image (Danbooru's ``/evaluate`` asks for one): characters and tags at or above it are listed."""
         order = np.argsort(-char_probs)[:top_k]
         best = int(order[0])
         best_score = float(char_probs[best])
         names = self.labels.characters
         if threshold is None:
-            abstained = best_score < self.character_thresholds[best]
+            abstained = best_score < (self.character_thresholds_with_tags if with_tags else
+                                      self.character_thresholds)[best]
             characters = [] if abstained else [(names[i], float(char_probs[i])) for i in order]
             above = np.nonzero(tag_probs >= self.tag_thresholds)[0]
         else:

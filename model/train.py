@@ -162,23 +162,39 @@ def summarize(scores: dict[str, np.ndarray], thresholds: list[float] | None = No
 
 
 def evaluate(net: nn.Module, batches_fn, autocast_dtype: torch.dtype | None = None,
-             thresholds: list[float] | None = None) -> dict[str, dict[str, float]]:
+             thresholds: list[float] | None = None,
+             thresholds_with_tags: list[float] | None = None) -> dict[str, dict[str, float]]:
     """Metrics image-only and image+tags. ``batches_fn()`` returns a fresh iterable of batches; with
-    per-character abstention ``thresholds``, coverage and precision too."""
+    per-character abstention ``thresholds`` (and ``thresholds_with_tags`` for the image+tags pass, else
+    the same), coverage and precision too."""
     return {
         "image_only": summarize(collect(net, batches_fn(), True, autocast_dtype), thresholds),
-        "image_tags": summarize(collect(net, batches_fn(), False, autocast_dtype), thresholds),
+        "image_tags": summarize(collect(net, batches_fn(), False, autocast_dtype),
+                                thresholds_with_tags if thresholds_with_tags is not None else thresholds),
     }
 
 
+@dataclass
+class Calibration:
+    character: list[float]  # per-character abstention thresholds, image-only uploads
+    character_with_tags: list[float]  # the same for uploads that came with tags
+    tags: list[float]  # one threshold per tag
+
+
 def calibrate(net: nn.Module, batches_fn, target_precision: float = 0.9,
-              autocast_dtype: torch.dtype | None = None) -> tuple[list[float], list[float]]:
-    """Thresholds from a held-out split, image-only (the hardest case the predictor serves):
-    per-character abstention thresholds at ``target_precision``, and one tag threshold (where micro
-    precision equals recall) for every tag."""
-    scores = collect(net, batches_fn(), True, autocast_dtype)
-    char_t = character_thresholds(scores["characters"], scores["labels"], target_precision)
-    _, tag_t = f1_at_balance(scores["tags"], scores["targets"])
+              autocast_dtype: torch.dtype | None = None) -> Calibration:
+    """Thresholds from a held-out split: per-character abstention thresholds at ``target_precision``,
+    image-only and with the tags that came with each image (the model is surer with them, and an
+    upload with tags should not be held to the image-only bar), and one tag threshold for every tag
+    (where micro precision equals recall, image-only: the hardest case the predictor serves)."""
+    image_only = collect(net, batches_fn(), True, autocast_dtype)
+    with_tags = collect(net, batches_fn(), False, autocast_dtype)
+    _, tag_t = f1_at_balance(image_only["tags"], image_only["targets"])
     if not np.isfinite(tag_t):
         tag_t = 0.5
-    return char_t.tolist(), [float(tag_t)] * scores["tags"].shape[1]
+    return Calibration(
+        character=character_thresholds(image_only["characters"], image_only["labels"], target_precision).tolist(),
+        character_with_tags=character_thresholds(with_tags["characters"], with_tags["labels"],
+                                                 target_precision).tolist(),
+        tags=[float(tag_t)] * image_only["tags"].shape[1],
+    )

@@ -70,6 +70,7 @@ def decode_batch(batch: dict[str, np.ndarray], characters: list[str], tags: list
     }
 
 
+KEEP_READ_MAX_IMAGES = 20_000  # splits up to this size are read from storage once per run (encoded bytes kept)
 REPORT_MIN_IMAGES = 2048  # a step-budget run reports (validates, checkpoints) at most once per this many images
 
 
@@ -91,6 +92,11 @@ def make_dataset(storage: Storage, split: str, info: DatasetInfo, mcfg: ModelCon
 
     ds = ray.data.read_parquet(storage.path(split), filesystem=storage.fs).select_columns(
         ["image", "character", "tags"])
+    if info.splits.get(split, 0) <= KEEP_READ_MAX_IMAGES:
+        # a small split's encoded rows are read once and kept in the object store: each pass would
+        # otherwise list the files and start new footer-reading actors (processes) again, which on a
+        # small split costs more than the training it feeds
+        ds = ds.materialize()
     if repeat > 1:
         ds = ds.union(*[ds] * (repeat - 1))
     return ds.map_batches(
@@ -430,16 +436,18 @@ def export_and_evaluate(best, dest: Storage, data: Storage, info: DatasetInfo, c
     from ray_jobs.local_data import stream_batches
 
     skipped = [0]
-    char_t, tag_t = training.calibrate(
+    cal = training.calibrate(
         net, lambda: stream_batches(data, "val", info, vocab, mcfg, 128, skipped=skipped), cfg.target_precision)
     test = training.evaluate(net, lambda: stream_batches(data, "test", info, vocab, mcfg, 128, skipped=skipped),
-                      thresholds=char_t)
+                             thresholds=cal.character, thresholds_with_tags=cal.character_with_tags)
     metrics = {"test": test, "validation": ckpt.metrics.get("validation"), "best_epoch": ckpt.metrics.get("epoch"),
                "epochs_run": epochs_run, "skipped_images": skipped[0], "model": ckpt.version}
-    dest.write_bytes(LABELS, _labels_json(Labels(info.characters, info.tags, char_t, tag_t, cfg.target_precision)))
+    dest.write_bytes(LABELS, _labels_json(Labels(info.characters, info.tags, cal.character, cal.tags,
+                                                  cfg.target_precision, cal.character_with_tags)))
     dest.write_bytes(METRICS, _json(metrics))
     log(format_eval(test, f"test split, model {ckpt.version}"))
-    log(f"answered and precision: at the abstention thresholds calibrated on val for precision {cfg.target_precision}")
+    log(f"answered and precision: at the abstention thresholds calibrated on val for precision {cfg.target_precision} "
+        "(image-only, and with tags for uploads that come with tags)")
     verdict = weak_model_advice(test, cfg.target_precision)
     if verdict:
         log(verdict)
@@ -500,8 +508,10 @@ def evaluate_checkpoint(checkpoint: str, data_uri: str, split: str = "test", end
         raise ValueError("the checkpoint's characters differ from the dataset's: not trained on this dataset")
     vocab = TagVocab(info.tags)
     calibrated = ckpt.labels.abstain_precision is not None
+    labels = ckpt.labels
     return training.evaluate(ckpt.net, lambda: stream_batches(data, split, info, vocab, ckpt.config, batch_size),
-                      thresholds=ckpt.labels.character_thresholds if calibrated else None)
+                             thresholds=labels.character_thresholds if calibrated else None,
+                             thresholds_with_tags=labels.character_thresholds_with_tags if calibrated else None)
 
 
 if __name__ == "__main__":  # pragma: no cover

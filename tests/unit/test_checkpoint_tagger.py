@@ -145,3 +145,24 @@ def test_train_state_round_trip_resumes_identically(tmp_path):
     step(restored, opt2, 2)
     for k, v in restored.state_dict().items():
         assert torch.allclose(v, expected[k], atol=1e-6), k
+
+
+def test_uploads_with_tags_are_held_to_their_own_calibrated_thresholds(tmp_path):
+    torch.manual_seed(0)
+    net = DanmulNet(preset("tiny", num_characters=len(CHARS), num_tags=len(TAGS), image_size=32, max_tags=8))
+    never, always = [1.01] * len(CHARS), [0.0] * len(CHARS)
+    save(tmp_path / "ckpt", net, Labels(CHARS, TAGS, never, [0.5] * len(TAGS), 0.9, always))
+    tagger = Tagger.from_checkpoint(tmp_path / "ckpt")
+    image_only, tagged, empty = tagger.predict([jpeg((0, 255, 0))] * 3, tags=[None, ["tag_3", "tag_7"], []])
+    assert image_only.abstained and image_only.characters == []  # image-only: the image-only bar (never)
+    assert not tagged.abstained and len(tagged.characters) == 5  # with tags: its own bar (always); top 5
+    assert empty.abstained  # an empty tag list is no tags
+    tagger.set_thresholds(character_threshold=0.0)  # an operator's override replaces both
+    assert not tagger.predict([jpeg((0, 255, 0))])[0].abstained
+
+
+def test_labels_without_thresholds_for_tags_use_the_image_only_ones(tmp_path):
+    labels = Labels(CHARS, TAGS, [0.3] * len(CHARS))
+    assert labels.character_thresholds_with_tags == [0.3] * len(CHARS)  # checkpoints from before the field
+    with pytest.raises(ValueError, match="character_thresholds_with_tags"):
+        Labels(CHARS, TAGS, character_thresholds_with_tags=[0.1])
