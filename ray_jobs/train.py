@@ -465,8 +465,9 @@ def weak_model_advice(test: dict[str, dict[str, float]], target_precision: float
         return None
     return (f"warning: at precision {target_precision} the model answers only {coverage:.0%} of image-only test "
             f"images (with tags {test['image_tags'].get('coverage', float('nan')):.0%}): the streaming tagger will "
-            "abstain on most uploads. Train longer (--steps, or leave --epochs unset for the default budget), add "
-            "images (at least 10 per character, more for look-alikes), start from pretrained image weights "
+            "abstain on most uploads that come without tags. Train longer (--steps, or leave --epochs unset for "
+            "the default budget), add images (at least 10 per character, more for look-alikes), start from "
+            "pretrained image weights "
             "(--pretrained-image), or accept more mistakes (--target-precision 0.8).")
 
 
