@@ -70,7 +70,7 @@ def decode_batch(batch: dict[str, np.ndarray], characters: list[str], tags: list
     }
 
 
-KEEP_READ_MAX_IMAGES = 20_000  # splits up to this size are read from storage once per run (encoded bytes kept)
+KEEP_READ_MAX_BYTES = 1 << 30  # splits up to this many bytes of shards are read once per run (kept in Ray)
 REPORT_MIN_IMAGES = 2048  # a step-budget run reports (validates, checkpoints) at most once per this many images
 
 
@@ -92,10 +92,11 @@ def make_dataset(storage: Storage, split: str, info: DatasetInfo, mcfg: ModelCon
 
     ds = ray.data.read_parquet(storage.path(split), filesystem=storage.fs).select_columns(
         ["image", "character", "tags"])
-    if info.splits.get(split, 0) <= KEEP_READ_MAX_IMAGES:
+    if sum(f.size for f in storage.list(split, suffixes=(".parquet",))) <= KEEP_READ_MAX_BYTES:
         # a small split's encoded rows are read once and kept in the object store: each pass would
         # otherwise list the files and start new footer-reading actors (processes) again, which on a
-        # small split costs more than the training it feeds
+        # small split costs more than the training it feeds. Sized by the shards' bytes on storage,
+        # not by dataset.json's counts, which a foreign dataset may get wrong.
         ds = ds.materialize()
     if repeat > 1:
         ds = ds.union(*[ds] * (repeat - 1))
