@@ -92,7 +92,7 @@ def make_dataset(storage: Storage, split: str, info: DatasetInfo, mcfg: ModelCon
 
     ds = ray.data.read_parquet(storage.path(split), filesystem=storage.fs).select_columns(
         ["image", "character", "tags"])
-    if sum(f.size for f in storage.list(split, suffixes=(".parquet",))) <= KEEP_READ_MAX_BYTES:
+    if sum(f.size for f in storage.list(split)) <= KEEP_READ_MAX_BYTES:  # every file Ray Data would read
         # a small split's encoded rows are read once and kept in the object store: each pass would
         # otherwise list the files and start new footer-reading actors (processes) again, which on a
         # small split costs more than the training it feeds. Sized by the shards' bytes on storage,
