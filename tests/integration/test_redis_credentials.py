@@ -78,7 +78,13 @@ def test_credentials_from_the_environment_then_revoked_then_restored(acl_redis, 
         admin.client_kill_filter(_type="normal", skipme=True)  # the tagger must log in again, and cannot
         for i in range(10, 20):
             enqueue(admin, keys, i, image=tiny_rows[i]["image"])
-        wait(lambda: requests.get(health, timeout=30).status_code == 503)
+        def unhealthy_because() -> str:
+            answer = requests.get(health, timeout=30)
+            return answer.json().get("error", "") if answer.status_code == 503 else ""
+
+        # the killed connection may first read as "unavailable (ConnectionError)"; logging in again is
+        # what the new password refuses, and /health must come to say so (and never show a password)
+        wait(lambda: "refused the credentials" in unhealthy_because())
         body = requests.get(health, timeout=30).json()
         assert "refused the credentials" in body["error"] and PASSWORD not in str(body)
         assert results() == 10
