@@ -159,7 +159,8 @@ class TaggerModel:
         # on the event loop itself: a worker thread here only added GIL hand-offs (measured no faster);
         # decoding still runs in threads, and the next batch forms when this one returns
         chars, tag_probs = self.tagger.scores(pixels, [i.tags for i in items])
-        return [{**self.tagger.decode(c, t, item.top_k, item.threshold, with_tags=bool(item.tags)).to_dict(),
+        known = self.tagger.vocab.knows_any
+        return [{**self.tagger.decode(c, t, item.top_k, item.threshold, with_tags=known(item.tags)).to_dict(),
                  "batch_size": len(items)}
                 for item, c, t in zip(items, chars, tag_probs, strict=True)]
 

@@ -34,10 +34,14 @@ class TrainingPlan:
     def global_batch(self) -> int:
         return self.batch_size * self.workers
 
+    drop_last: bool = False  # a last partial batch is dropped (the single-process loop) or is a step
+
     @property
     def steps_per_epoch(self) -> int:
-        """Steps in one pass over the train split (every worker steps together; a last partial batch counts)."""
-        return max(1, self.images // self.global_batch)
+        """Steps in one pass over the train split: each worker's equal share in batches (every worker
+        steps together), the last partial batch counted unless dropped."""
+        share = self.images // self.workers
+        return max(1, share // self.batch_size if self.drop_last else -(-share // self.batch_size))
 
     @property
     def epochs(self) -> int:
@@ -63,13 +67,14 @@ class TrainingPlan:
             return None
         return (f"warning: {self.steps} optimizer steps are too few to learn from scratch (a model needs some "
                 f"hundreds at least): leave --epochs and --steps unset for the default plan, or give "
-                f"--steps {MIN_STEPS['tiny']} or more")
+                f"--steps {MIN_STEPS['tiny']} or more (tiny; {MIN_STEPS['base']} for base)")
 
 
 def make_plan(images: int, batch_size: int, workers: int = 1, epochs: int | None = None, steps: int | None = None,
-              preset: str = "tiny", min_steps: int | None = None) -> TrainingPlan:
+              preset: str = "tiny", min_steps: int | None = None, drop_last: bool = False) -> TrainingPlan:
     """The plan for ``images`` train images. ``steps`` wins over ``epochs``; with neither, the default
-    budget: ``max(DEFAULT_EPOCHS epochs, min_steps)`` (``min_steps`` defaults to the preset's floor)."""
+    budget: ``max(DEFAULT_EPOCHS epochs, min_steps)`` (``min_steps`` defaults to the preset's floor).
+    The batch shrinks on a small split unless ``epochs`` is given (then the run is what was asked)."""
     if images < 1:
         raise ValueError("the train split is empty: nothing to train on")
     if batch_size < 1 or workers < 1:
@@ -78,11 +83,16 @@ def make_plan(images: int, batch_size: int, workers: int = 1, epochs: int | None
         raise ValueError("--steps must be at least 1")
     if epochs is not None and epochs < 1:
         raise ValueError("--epochs must be at least 1")
+    if images < workers:
+        raise ValueError(f"the train split ({images} images) is smaller than the {workers} workers: use fewer "
+                         "workers or more images")
     per_worker = images // workers
     batch = batch_size
-    if per_worker < MIN_BATCHES_PER_WORKER * batch_size:
+    if epochs is None and per_worker < MIN_BATCHES_PER_WORKER * batch_size:
         batch = max(1, min(batch_size, max(MIN_BATCH, per_worker // MIN_BATCHES_PER_WORKER)))
-    plan = TrainingPlan(images, workers, batch, batch_size, 1, "default")
+    if drop_last:
+        batch = min(batch, per_worker)
+    plan = TrainingPlan(images, workers, batch, batch_size, 1, "default", drop_last)
     if steps is not None:
         total, how = steps, "steps"
     elif epochs is not None:
@@ -90,4 +100,4 @@ def make_plan(images: int, batch_size: int, workers: int = 1, epochs: int | None
     else:
         floor = MIN_STEPS.get(preset, MIN_STEPS["tiny"]) if min_steps is None else min_steps
         total, how = max(DEFAULT_EPOCHS * plan.steps_per_epoch, floor), "default"
-    return TrainingPlan(images, workers, batch, batch_size, total, how)
+    return TrainingPlan(images, workers, batch, batch_size, total, how, drop_last)

@@ -108,7 +108,7 @@ class Tagger:
         for start in range(0, n, self.batch_size):
             end = start + self.batch_size
             chars, tag_probs = self.scores(pixels[start:end], tags[start:end])
-            out += [self.decode(c, t, top_k, with_tags=bool(given))
+            out += [self.decode(c, t, top_k, with_tags=self.vocab.knows_any(given))
                     for c, t, given in zip(chars, tag_probs, tags[start:end], strict=True)]
         return out
 
@@ -124,9 +124,10 @@ class Tagger:
     def decode(self, char_probs: np.ndarray, tag_probs: np.ndarray, top_k: int = 5,
                threshold: float | None = None, with_tags: bool = False) -> Prediction:
         """One image's probabilities -> a :class:`Prediction`. The character abstention thresholds are
-        those calibrated for uploads with tags when ``with_tags`` (tags came with it), else the
-        image-only ones. With ``threshold``, that one value replaces every calibrated threshold for this
-        image (Danbooru's ``/evaluate`` asks for one): characters and tags at or above it are listed."""
+        those calibrated for uploads with tags when ``with_tags`` (a tag the vocabulary knows came with
+        it: ``self.vocab.knows_any``), else the image-only ones. With ``threshold``, that one value
+        replaces every calibrated threshold for this image (Danbooru's ``/evaluate`` asks for one):
+        characters and tags at or above it are listed."""
         order = np.argsort(-char_probs)[:top_k]
         best = int(order[0])
         best_score = float(char_probs[best])

@@ -28,6 +28,10 @@ class TagVocab:
         """Token count including the special tokens."""
         return len(self.tags) + len(SPECIAL_TOKENS)
 
+    def knows_any(self, tags: Iterable[str] | None) -> bool:
+        """Whether any of ``tags`` is in the vocabulary (else the model sees only [UNK]s: no text)."""
+        return bool(tags) and any(t in self._ids for t in tags)
+
     def token_id(self, tag: str) -> int:
         return self._ids.get(tag, UNK_ID)
 

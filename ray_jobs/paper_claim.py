@@ -50,7 +50,7 @@ class FitConfig:
     optim: training.OptimConfig = field(default_factory=training.OptimConfig)
 
     def plan(self, images: int) -> TrainingPlan:
-        return make_plan(images, self.batch_size, 1, self.epochs, self.steps)
+        return make_plan(images, self.batch_size, 1, self.epochs, self.steps, drop_last=True)
 
 
 def fit(net: DanmulNet, train: Split, vocab: TagVocab, fit_cfg: FitConfig, curriculum: CurriculumConfig,

@@ -196,6 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     curriculum = cfg.curriculum_config()
     plan = config["plan"]
     batch_size, total_steps, epochs, group = plan["batch_size"], plan["steps"], plan["epochs"], plan["group"]
+    by_epochs = cfg.epochs is not None  # else a step budget: passes go on until it is spent
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     train_shard = ray.train.get_dataset_shard("train")
     labels = Labels(characters, tags)
@@ -206,9 +207,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress = Storage(config["run_dir"], cfg.endpoint_url) if rank == 0 else None
     gauges = _train_metrics(cfg.metrics_port) if rank == 0 else None
     # a report covers ``group`` epochs: one pass of the train dataset, which repeats a small split
-    for first in range(start_epoch, epochs, group):
-        if step >= total_steps:
-            break
+    first = start_epoch
+    while step < total_steps and (first < epochs or not by_epochs):
         if progress:
             _log_progress(progress, {"event": "start", "epoch": first + 1, "global_step": step})
         t0 = time.perf_counter()
@@ -227,12 +227,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _maybe_fail(first, rank)
 
         done = training.train_pass(net, optimizer, good, step, total_steps, optim, curriculum, generator,
-                            torch.bfloat16 if use_bf16 else None, agree=agree, on_step=on_step)
-        for _ in good:  # drain this worker's leftovers (a batch or so) so every bad row is counted
-            pass
+                                   torch.bfloat16 if use_bf16 else None, agree=agree, on_step=on_step)
+        if done.step < total_steps:  # out of data, not of budget: drain the leftovers (a batch or so) so
+            for _ in good:  # every bad row is counted; a spent budget leaves the rest of the pass unread
+                pass
+        if done.step == pass_start:
+            raise RuntimeError("a pass over the train split gave no training step: are all its images bad?")
         step = done.step
         seconds = time.perf_counter() - t0
-        epoch = epochs if step >= total_steps else min(epochs, first + group)
+        epoch = epochs if step >= total_steps and first + group >= epochs else first + group
         metrics = {
             "epoch": epoch,
             "global_step": step,
@@ -264,6 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
         if progress:
             _log_progress(progress, {"event": "end", **metrics})
+        first += group
 
 
 def _train_metrics(port: int):

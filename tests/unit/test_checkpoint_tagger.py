@@ -153,10 +153,12 @@ def test_uploads_with_tags_are_held_to_their_own_calibrated_thresholds(tmp_path)
     never, always = [1.01] * len(CHARS), [0.0] * len(CHARS)
     save(tmp_path / "ckpt", net, Labels(CHARS, TAGS, never, [0.5] * len(TAGS), 0.9, always))
     tagger = Tagger.from_checkpoint(tmp_path / "ckpt")
-    image_only, tagged, empty = tagger.predict([jpeg((0, 255, 0))] * 3, tags=[None, ["tag_3", "tag_7"], []])
+    image_only, tagged, empty, unknown = tagger.predict([jpeg((0, 255, 0))] * 4,
+                                                       tags=[None, ["tag_3", "zzz"], [], ["zzz", "yyy"]])
     assert image_only.abstained and image_only.characters == []  # image-only: the image-only bar (never)
     assert not tagged.abstained and len(tagged.characters) == 5  # with tags: its own bar (always); top 5
     assert empty.abstained  # an empty tag list is no tags
+    assert unknown.abstained  # tags the vocabulary does not know reach the model as no text: image-only bar
     tagger.set_thresholds(character_threshold=0.0)  # an operator's override replaces both
     assert not tagger.predict([jpeg((0, 255, 0))])[0].abstained
 

@@ -15,11 +15,11 @@ def test_a_small_dataset_gets_the_preset_floor_and_a_smaller_batch():
     plan = make_plan(430, batch_size=64, workers=2)  # the 614-image look-alike set's train split
     assert plan.batch_size == 430 // 2 // 8 == 26  # 8 batches per worker and epoch
     assert plan.steps == MIN_STEPS["tiny"] == 2000
-    assert plan.steps_per_epoch == 430 // 52 == 8
-    assert plan.epochs == 250  # 2000 / 8
+    assert plan.steps_per_epoch == 9  # each worker's 215 images in batches of 26, the last partial
+    assert plan.epochs == 223  # 2000 / 9, rounded up
     assert plan.warning() is None
     line = plan.describe({"text dropping from": 200})
-    for part in ("430 images", "batch 26 x 2 workers (from 64", "2,000 steps = 250 epochs",
+    for part in ("430 images", "batch 26 x 2 workers (from 64", "2,000 steps = 223 epochs",
                  "text dropping from at step 200"):
         assert part in line
 
@@ -40,13 +40,21 @@ def test_steps_win_over_epochs_and_epochs_over_the_default():
 
 def test_a_plan_too_short_to_learn_says_so():
     plan = make_plan(430, 64, 2, epochs=10)  # what ten epochs of a few hundred images used to be
-    assert plan.steps == 80 < SHORT_PLAN_STEPS
+    assert plan.batch_size == 64  # epochs asked for: the run is what was asked, batch included
+    assert plan.steps == 10 * 4 < SHORT_PLAN_STEPS  # 215 images per worker: 4 batches of 64
     assert "too few to learn" in plan.warning() and "--steps" in plan.warning()
 
 
 def test_tiny_splits_still_train_with_a_batch_of_at_least_one():
     plan = make_plan(5, 64, 2)
     assert plan.batch_size >= 1 and plan.steps_per_epoch >= 1 and plan.steps == MIN_STEPS["tiny"]
+    one_process = make_plan(5, 64, 1, drop_last=True)  # a dropped last batch must not leave epochs empty
+    assert one_process.batch_size == 5 and one_process.steps_per_epoch == 1
+
+
+def test_fewer_images_than_workers_is_refused():
+    with pytest.raises(ValueError, match="smaller than the 4 workers"):
+        make_plan(3, 64, 4)
 
 
 @pytest.mark.parametrize("kwargs", [dict(images=0), dict(batch_size=0), dict(workers=0), dict(steps=0),
