@@ -98,14 +98,17 @@ def train_pass(net: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterat
                step: int, total_steps: int, optim: OptimConfig, curriculum: cur.CurriculumConfig,
                generator: torch.Generator | None = None, autocast_dtype: torch.dtype | None = None,
                agree: Callable[[bool], bool] | None = None,
-               on_step: Callable[[int, dict[str, float]], None] | None = None) -> PassResult:
-    """Steps over ``batches`` from global ``step`` until they run out or ``total_steps`` is reached.
+               on_step: Callable[[int, dict[str, float]], None] | None = None,
+               until: int | None = None) -> PassResult:
+    """Steps over ``batches`` from global ``step`` until they run out or ``until`` (default
+    ``total_steps``, the length the schedules are defined over) is reached.
 
     ``agree(has_batch)`` lets data-parallel workers decide together whether to take the next step (all
     or none: DDP hangs otherwise); ``on_step(step, logs)`` runs after each step (gauges, fault hooks).
     What is left in ``batches`` stays for the caller to drain or drop."""
     result = PassResult(step, [], 0, {})
-    while result.step < total_steps:
+    limit = total_steps if until is None else until
+    while result.step < limit:
         batch = next(batches, None)
         if not (agree(batch is not None) if agree else batch is not None):
             break

@@ -110,14 +110,27 @@ def make_dataset(storage: Storage, split: str, info: DatasetInfo, mcfg: ModelCon
 # -- the training loop, on every worker -----------------------------------------------------------------
 
 
-def _maybe_fail(epoch: int, rank: int) -> None:
+def _maybe_fail(epoch: int, rank: int, run_dir: Storage) -> None:
     """Test-only fault injection: ``DANMUL_TEST_FAULT=epoch:rank:marker`` kills that worker process
-    after the first step of that epoch (0-based), once (the marker file records that it happened)."""
+    after the first step of that epoch (0-based), once (the marker file records that it happened), and
+    only once Ray has recorded the previous epoch's checkpoint: a kill in the moment between a report
+    and its record would restart the run one epoch further back, which is not what the test asks."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
     at_epoch, at_rank, marker = spec.split(":", 2)
     if epoch == int(at_epoch) and rank == int(at_rank) and not os.path.exists(marker):
+        import json
+
+        deadline = time.monotonic() + 120
+        while epoch > 0 and time.monotonic() < deadline:
+            try:
+                snapshot = json.loads(run_dir.read_text("checkpoint_manager_snapshot.json"))
+                if (snapshot.get("latest_checkpoint_result") or {}).get("metrics", {}).get("epoch", 0) >= epoch:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
         with open(marker, "w") as f:
             f.write(f"killed rank {rank} at epoch {epoch}\n")
         os._exit(1)
@@ -196,7 +209,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     curriculum = cfg.curriculum_config()
     plan = config["plan"]
     batch_size, total_steps, epochs, group = plan["batch_size"], plan["steps"], plan["epochs"], plan["group"]
-    by_epochs = cfg.epochs is not None  # else a step budget: passes go on until it is spent
+    by_epochs = cfg.epochs is not None  # whole epochs, as asked; else a step budget, spent to the step
+    until = sys.maxsize if by_epochs else total_steps  # an epoch is what the shards hold, whatever the count said
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     train_shard = ray.train.get_dataset_shard("train")
     labels = Labels(characters, tags)
@@ -208,7 +222,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     gauges = _train_metrics(cfg.metrics_port) if rank == 0 else None
     # a report covers ``group`` epochs: one pass of the train dataset, which repeats a small split
     first = start_epoch
-    while step < total_steps and (first < epochs or not by_epochs):
+    while first < epochs if by_epochs else step < total_steps:
         if progress:
             _log_progress(progress, {"event": "start", "epoch": first + 1, "global_step": step})
         t0 = time.perf_counter()
@@ -224,18 +238,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 gauges.TRAIN_STEP.set(at)
                 gauges.TRAIN_TEXT_DROP.set(logs.get("text_drop", 0.0))
             if at == pass_start + 1:
-                _maybe_fail(first, rank)
+                _maybe_fail(first, rank, Storage(config["run_dir"], cfg.endpoint_url))
 
         done = training.train_pass(net, optimizer, good, step, total_steps, optim, curriculum, generator,
-                                   torch.bfloat16 if use_bf16 else None, agree=agree, on_step=on_step)
-        if done.step < total_steps:  # out of data, not of budget: drain the leftovers (a batch or so) so
+                                   torch.bfloat16 if use_bf16 else None, agree=agree, on_step=on_step,
+                                   until=until)
+        if done.step < until:  # out of data, not of budget: drain the leftovers (a batch or so) so
             for _ in good:  # every bad row is counted; a spent budget leaves the rest of the pass unread
                 pass
         if done.step == pass_start:
             raise RuntimeError("a pass over the train split gave no training step: are all its images bad?")
         step = done.step
         seconds = time.perf_counter() - t0
-        epoch = epochs if step >= total_steps and first + group >= epochs else first + group
+        epoch = epochs if not by_epochs and step >= total_steps and first + group >= epochs else first + group
         metrics = {
             "epoch": epoch,
             "global_step": step,
