@@ -61,6 +61,11 @@ class TrainingPlan:
             line += "; " + ", ".join(f"{name} at step {step:,}" for name, step in phases.items())
         return line
 
+    def lines(self, phases: dict[str, int] | None = None) -> list[str]:
+        """What a run prints when it starts: the plan, and the warning when there is one."""
+        warning = self.warning()
+        return [self.describe(phases), *([warning] if warning else [])]
+
     def warning(self) -> str | None:
         """Why this plan may not learn, or None."""
         if self.steps >= SHORT_PLAN_STEPS:

@@ -116,9 +116,8 @@ def _run_local(data: str, epochs: int | None, steps: int | None, seed: int, out:
     cfg = model_config_for(info, image_size=image_size)
     fit_cfg = FitConfig(epochs=epochs, steps=steps, seed=seed)
     plan = fit_cfg.plan(len(train.images))
-    log(plan.describe())
-    if plan.warning():
-        log(plan.warning())
+    for line in plan.lines():
+        log(line)
     results = {}
     for name, curriculum in VARIANTS.items():
         log(f"\ntraining {name} ({curriculum.kind}): {plan.steps:,} steps on {len(train.images):,} images")

@@ -400,9 +400,8 @@ def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
         f"{len(info.tags)} tags) on {workers} worker(s) x {gpus or 0:g} GPU, run {run_dir.uri}")
     plan = cfg.plan(info.splits["train"], workers)
     curriculum = cfg.curriculum_config()
-    log(plan.describe(phase_steps(curriculum, plan.steps)))
-    if plan.warning():
-        log(plan.warning())
+    for line in plan.lines(phase_steps(curriculum, plan.steps)):
+        log(line)
     group = report_group(plan, cfg.epochs is not None)
 
     trainer = TorchTrainer(
@@ -487,8 +486,7 @@ def weak_model_advice(test: dict[str, dict[str, float]], target_precision: float
             f"images (with tags {test['image_tags'].get('coverage', float('nan')):.0%}): the streaming tagger will "
             "abstain on most uploads that come without tags. Train longer (--steps, or leave --epochs unset for "
             "the default budget), add images (at least 10 per character, more for look-alikes), start from "
-            "pretrained image weights "
-            "(--pretrained-image), or accept more mistakes (--target-precision 0.8).")
+            "pretrained image weights (--pretrained-image), or accept more mistakes (--target-precision 0.8).")
 
 
 def _json(obj: Any) -> bytes:

@@ -43,6 +43,8 @@ def test_a_plan_too_short_to_learn_says_so():
     assert plan.batch_size == 64  # epochs asked for: the run is what was asked, batch included
     assert plan.steps == 10 * 4 < SHORT_PLAN_STEPS  # 215 images per worker: 4 batches of 64
     assert "too few to learn" in plan.warning() and "--steps" in plan.warning()
+    assert plan.lines() == [plan.describe(), plan.warning()]  # what a run prints at start
+    assert make_plan(430, 64, 2).lines() == [make_plan(430, 64, 2).describe()]  # no warning, no line
 
 
 def test_tiny_splits_still_train_with_a_batch_of_at_least_one():
