@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +32,7 @@ from model.network import DanmulNet
 FORMAT = 1
 WEIGHTS, CONFIG, LABELS, METRICS = "model.safetensors", "config.json", "labels.json", "metrics.json"
 DEFAULT_TAG_THRESHOLD = 0.35
+NEVER_ANSWER = 1.01  # the highest threshold there is: above any probability, even a rounded 1.0
 
 
 class Reader(Protocol):
@@ -75,6 +76,12 @@ class Labels:
     character_thresholds_with_tags: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        _check_names("characters", self.characters)
+        _check_names("tags", self.tags)
+        for name in ("character_thresholds", "character_thresholds_with_tags", "tag_thresholds"):
+            _check_probabilities(name, getattr(self, name), top=NEVER_ANSWER)
+        if self.abstain_precision is not None:
+            _check_probabilities("abstain_precision", [self.abstain_precision])
         if not self.character_thresholds:
             self.character_thresholds = [0.0] * len(self.characters)
         if not self.character_thresholds_with_tags:
@@ -83,8 +90,42 @@ class Labels:
             raise ValueError("labels.json: character_thresholds_with_tags does not match the characters")
         if not self.tag_thresholds:
             self.tag_thresholds = [DEFAULT_TAG_THRESHOLD] * len(self.tags)
-        if len(self.character_thresholds) != len(self.characters) or len(self.tag_thresholds) != len(self.tags):
-            raise ValueError("labels.json: thresholds do not match the label lists")
+        for name, values, names in (("character_thresholds", self.character_thresholds, "characters"),
+                                    ("tag_thresholds", self.tag_thresholds, "tags")):
+            if len(values) != len(getattr(self, names)):
+                raise ValueError(f"labels.json: {name} has {len(values)} entries for {len(getattr(self, names))} {names}")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Labels:
+        """Read ``labels.json``. Fields this danmul does not know are ignored (a newer writer may add
+        some; an incompatible change bumps ``config.json``'s format instead); every known field is
+        checked, so a hand-edited file fails here with its name, not at the first upload."""
+        try:
+            raw = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"labels.json is not JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError("labels.json must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        missing = [name for name in ("characters", "tags") if name not in raw]
+        if missing:
+            raise ValueError(f"labels.json: missing {', '.join(missing)}")
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def _check_names(name: str, values: Any) -> None:
+    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+        raise ValueError(f"labels.json: {name} must be a list of non-empty strings")
+    if len(set(values)) != len(values):
+        raise ValueError(f"labels.json: {name} has duplicates")
+
+
+def _check_probabilities(name: str, values: Any, top: float = 1.0) -> None:
+    """Thresholds and precisions are numbers in [0, 1] (a threshold may be up to 1.01: never answer,
+    as with ``danmul serve --character-threshold``): NaN would never abstain, 2.0 always would."""
+    if not isinstance(values, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v <= top for v in values):
+        raise ValueError(f"labels.json: {name} must be a list of numbers from 0 to {top:g}")
 
 
 @dataclass
@@ -143,7 +184,7 @@ def load(src: str | os.PathLike | Reader, device: str | torch.device = "cpu") ->
     net = DanmulNet(cfg)
     net.load_state_dict(load_safetensors(weights), strict=True)
     net.to(device).eval()
-    labels = Labels(**json.loads(reader.read_bytes(LABELS)))
+    labels = Labels.from_json(reader.read_bytes(LABELS))
     try:
         metrics = json.loads(reader.read_bytes(METRICS))
     except FileNotFoundError:

@@ -168,3 +168,42 @@ def test_labels_without_thresholds_for_tags_use_the_image_only_ones(tmp_path):
     assert labels.character_thresholds_with_tags == [0.3] * len(CHARS)  # checkpoints from before the field
     with pytest.raises(ValueError, match="character_thresholds_with_tags"):
         Labels(CHARS, TAGS, character_thresholds_with_tags=[0.1])
+
+
+@pytest.mark.parametrize("edit, field", [
+    ({"character_thresholds": [float("nan")] * 6}, "character_thresholds"),
+    ({"character_thresholds": [1.02] * 6}, "character_thresholds"),
+    ({"character_thresholds_with_tags": [-0.1] * 6}, "character_thresholds_with_tags"),
+    ({"tag_thresholds": ["0.5"] * 20}, "tag_thresholds"),
+    ({"tag_thresholds": [True] * 20}, "tag_thresholds"),
+    ({"tag_thresholds": {"tag_0": 0.5}}, "tag_thresholds"),
+    ({"abstain_precision": float("inf")}, "abstain_precision"),
+    ({"characters": CHARS[:5] + [CHARS[0]]}, "characters"),
+    ({"tags": [*TAGS[:19], ""]}, "tags"),
+    ({"characters": None}, "characters"),
+    ({"character_thresholds": [0.1] * 5}, "character_thresholds"),
+])
+def test_a_hand_edited_labels_file_fails_at_load_naming_the_field(ckpt_dir, edit, field):
+    path, _, _ = ckpt_dir
+    labels = json.loads((path / "labels.json").read_text())
+    (path / "labels.json").write_text(json.dumps({**labels, **edit}))  # json writes NaN/Infinity as tokens
+    with pytest.raises(ValueError, match=f"labels.json: {field}"):
+        load(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("not json", "not JSON"), ("[1, 2]", "JSON object"), ('{"tags": []}', "missing characters"),
+    ("\udcff", "not JSON"),
+])
+def test_a_labels_file_that_is_no_object_fails_at_load(ckpt_dir, text, message):
+    path, _, _ = ckpt_dir
+    (path / "labels.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ValueError, match=message):
+        load(path)
+
+
+def test_fields_a_newer_writer_adds_to_labels_are_ignored(ckpt_dir):
+    path, _, _ = ckpt_dir
+    labels = json.loads((path / "labels.json").read_text())
+    (path / "labels.json").write_text(json.dumps({**labels, "registry": {"new_char": [0.1, 0.2]}}))
+    assert load(path).labels.characters == CHARS
