@@ -84,27 +84,49 @@ def report_group(plan, epochs_given: bool) -> int:
     return max(1, min(plan.epochs, -(-REPORT_MIN_IMAGES // plan.images)))
 
 
-def make_dataset(storage: Storage, split: str, info: DatasetInfo, mcfg: ModelConfig, augment: bool,
-                 repeat: int = 1):
-    """The split as model inputs; with ``repeat`` > 1 one pass goes over the split that many times
-    (each time freshly augmented and shuffled)."""
+def read_split(storage: Storage, split: str):
+    """The split's shard rows (image, character, tags) as a Ray dataset, and whether they were read
+    once and kept: a small split's encoded rows stay in the object store, since each pass would
+    otherwise list the files and start new footer-reading actors (processes) again, which on a small
+    split costs more than the training it feeds. Sized by the shards' bytes on storage, not by
+    dataset.json's counts, which a foreign dataset may get wrong."""
     import ray.data
 
     ds = ray.data.read_parquet(storage.path(split), filesystem=storage.fs).select_columns(
         ["image", "character", "tags"])
     if sum(f.size for f in storage.list(split)) <= KEEP_READ_MAX_BYTES:  # every file Ray Data would read
-        # a small split's encoded rows are read once and kept in the object store: each pass would
-        # otherwise list the files and start new footer-reading actors (processes) again, which on a
-        # small split costs more than the training it feeds. Sized by the shards' bytes on storage,
-        # not by dataset.json's counts, which a foreign dataset may get wrong.
-        ds = ds.materialize()
+        return ds.materialize(), True
+    return ds, False
+
+
+def model_inputs(rows, info: DatasetInfo, mcfg: ModelConfig, augment: bool, repeat: int = 1):
+    """Shard rows as model inputs; with ``repeat`` > 1 one pass goes over the rows that many times
+    (each time freshly augmented and shuffled)."""
     if repeat > 1:
-        ds = ds.union(*[ds] * (repeat - 1))
-    return ds.map_batches(
+        rows = rows.union(*[rows] * (repeat - 1))
+    return rows.map_batches(
         decode_batch, batch_size=64, batch_format="numpy",
         fn_kwargs=dict(characters=info.characters, tags=info.tags, image_size=mcfg.image_size,
                        mean=list(mcfg.mean), std=list(mcfg.std), max_tags=mcfg.max_tags, augment=augment),
     )  # fmt: skip
+
+
+def make_dataset(storage: Storage, split: str, info: DatasetInfo, mcfg: ModelConfig, augment: bool,
+                 repeat: int = 1):
+    """The split as model inputs (:func:`read_split`, then :func:`model_inputs`)."""
+    return model_inputs(read_split(storage, split)[0], info, mcfg, augment, repeat)
+
+
+def train_images(rows, kept: bool, declared: int, log=print) -> int:
+    """The number of train images to plan with: counted when the rows were read (free then), else
+    what dataset.json declares. A count that differs from the declared one is said, once."""
+    if not kept:
+        return declared
+    counted = rows.count()
+    if counted != declared:
+        log(f"dataset.json declares {declared:,} train images, its shards hold {counted:,} rows: "
+            "planning with the rows")
+    return counted
 
 
 # -- the training loop, on every worker -----------------------------------------------------------------
@@ -398,7 +420,8 @@ def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
     workers = cfg.workers or (max(1, int(gpus_available // gpus)) if gpus else 2)
     log(f"training {cfg.preset} ({mcfg.image_model} at {mcfg.image_size}px, {info.num_characters} characters, "
         f"{len(info.tags)} tags) on {workers} worker(s) x {gpus or 0:g} GPU, run {run_dir.uri}")
-    plan = cfg.plan(info.splits["train"], workers)
+    train_rows, kept = read_split(data, "train")
+    plan = cfg.plan(train_images(train_rows, kept, info.splits["train"], log), workers)
     curriculum = cfg.curriculum_config()
     for line in plan.lines(phase_steps(curriculum, plan.steps)):
         log(line)
@@ -423,7 +446,7 @@ def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
                                                checkpoint_score_attribute=cfg.checkpoint_metric,
                                                checkpoint_score_order="max"),
         ),
-        datasets={"train": make_dataset(data, "train", info, mcfg, augment=True, repeat=group),
+        datasets={"train": model_inputs(train_rows, info, mcfg, augment=True, repeat=group),
                   "val": make_dataset(data, "val", info, mcfg, augment=False)},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )  # fmt: skip

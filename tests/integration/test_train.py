@@ -74,10 +74,14 @@ def test_decode_batch_flags_bad_rows_without_dropping_them():
 def test_two_workers_train_from_s3_skip_corrupt_images_and_export(s3_bucket):
     data = Storage(f"{s3_bucket}/danmul")
     small_dataset(data.uri)
+    declared = load_info(data).splits["train"]
     n_bad = add_corrupt_shard(data)
     runs = Storage(f"{s3_bucket}/runs")
     proc = run_train("--data", data.uri, "--out", runs.uri, "--name", "s3run", "--epochs", "4", "--workers", "2")
     assert "exported to" in proc.stdout
+    # the plan counts the rows the shards hold, not what dataset.json declares
+    assert f"its shards hold {declared + n_bad:,} rows" in proc.stdout
+    assert f"plan: {declared + n_bad:,} images" in proc.stdout
 
     ends = [e for e in read_progress(runs.child("s3run")) if e["event"] == "end"]
     assert [e["epoch"] for e in ends] == [1, 2, 3, 4]
