@@ -329,12 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    from ray_jobs.local_ray import LOG_LEVEL_ENV, logs_folder
+    from ray_jobs.local_ray import LOG_LEVEL_ENV, logs_folder, native_stderr_to_logs
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose:
         os.environ[LOG_LEVEL_ENV] = "debug"
+    native_stderr_to_logs()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -5,6 +5,11 @@ everything the workers and actors print) go only to the session's log folder, an
 lines (the driver's progress, one line per training epoch). ``danmul --verbose`` (or
 ``DANMUL_LOG_LEVEL=debug``) shows Ray's lines too. A real error still reaches the console: the exception
 that ends the command, with where the full logs are.
+
+Ray's C++ core in the driver process writes its own error lines (advice about actor restarts, workers
+that exited) straight to file descriptor 2, past Python's logging. For the ``danmul`` command, once it
+has started a local Ray, descriptor 2 goes to ``danmul-driver-PID.err`` in the session's log folder and
+Python's ``sys.stderr`` (danmul's errors, tracebacks, progress bars) keeps the console.
 """
 
 from __future__ import annotations
@@ -14,6 +19,12 @@ import os
 import sys
 
 LOG_LEVEL_ENV = "DANMUL_LOG_LEVEL"
+_native_stderr = {"to_logs": False, "done": False}
+
+
+def native_stderr_to_logs() -> None:
+    """Called by the ``danmul`` command: a local Ray started later sends the driver's C++ lines to the logs."""
+    _native_stderr["to_logs"] = True
 
 
 def verbose() -> bool:
@@ -67,4 +78,23 @@ def ensure_ray(address: str | None, cpus_needed: float = 0, dashboard: bool = Fa
            "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
     ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)), include_dashboard=dashboard,
              dashboard_host="127.0.0.1", runtime_env={"env_vars": env}, **quiet)
+    _split_native_stderr()
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def _split_native_stderr() -> None:
+    """Descriptor 2 to a file in the session's log folder; ``sys.stderr`` to a copy of the console."""
+    if not _native_stderr["to_logs"] or _native_stderr["done"] or verbose():
+        return
+    try:
+        fd = os.open(os.path.join(logs_folder(), f"danmul-driver-{os.getpid()}.err"),
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        return  # no log folder to write to: the console keeps everything
+    sys.stderr.flush()
+    console = os.dup(2)
+    sys.stderr = os.fdopen(console, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+                           errors="backslashreplace")
+    os.dup2(fd, 2)
+    os.close(fd)
+    _native_stderr["done"] = True

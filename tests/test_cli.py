@@ -99,6 +99,11 @@ def test_demo_quick_runs_end_to_end_and_leaves_no_processes(tmp_path):
     assert m and int(m.group(1)) > 0, out[-3000:]
     assert list((tmp_path / "demo" / "backfill" / "results").glob("part-*.parquet"))
     assert load_info(Storage(str(tmp_path / "demo" / "data"))).num_images > 0
+    # a quiet console: no line of Ray's C++ core ("[2026-.. E 123 123] core_worker.cc:..") or its loggers
+    noise = [line for line in (out + proc.stderr).splitlines()
+             if re.match(r"\[\d{4}-\d\d-\d\d [\d:,]+ [IWEF] \d+ \d+\]", line) or ".cc:" in line
+             or re.match(r"\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|WARNING)", line)]
+    assert not noise, noise[:5]
     assert (tmp_path / "demo" / "runs" / "demo" / "model" / "model.safetensors").exists()
     deadline = time.monotonic() + 30  # Ray's daemons exit a moment after the driver
     while _ray_daemons() > before and time.monotonic() < deadline:
