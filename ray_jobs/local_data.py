@@ -19,8 +19,9 @@ from PIL import Image
 from ingest.schema import DatasetInfo
 from ingest.shards import iter_examples, load_info
 from ingest.storage import Storage
+from model.batch import encode, model_batch
 from model.config import ModelConfig
-from model.preprocess import ImageError, TrainAugment, decode, to_tensor
+from model.preprocess import ImageError, TrainAugment, decode
 from model.vocab import TagVocab
 
 
@@ -68,19 +69,9 @@ def batches(split: Split, vocab: TagVocab, cfg: ModelConfig, batch_size: int, au
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
-        pixels = []
-        for i in idx:
-            img = split.images[i]
-            if augment is not None:
-                img = augment(img)
-            pixels.append(to_tensor(img, cfg.image_size, cfg.mean, cfg.std))
-        tag_lists = [split.tags[i] for i in idx]
-        yield {
-            "images": torch.stack(pixels).to(device),
-            "tag_ids": vocab.batch(tag_lists, cfg.max_tags).to(device),
-            "characters": torch.from_numpy(split.characters[idx]).to(device),
-            "tag_targets": vocab.multi_hot(tag_lists).to(device),
-        }
+        arrays = encode([split.images[i] for i in idx], [split.tags[i] for i in idx], split.characters[idx], vocab,
+                        cfg.image_size, cfg.mean, cfg.std, cfg.max_tags, augment)
+        yield model_batch(arrays, device)
 
 
 def stream_batches(data: Storage, split: str, info: DatasetInfo, vocab: TagVocab, cfg: ModelConfig,

@@ -29,10 +29,11 @@ from ingest.schema import DatasetInfo
 from ingest.shards import load_info
 from ingest.storage import Storage
 from model import train as training
+from model.batch import encode, model_batch
 from model.checkpoint import CONFIG, LABELS, METRICS, WEIGHTS, Labels, load, load_train_state, save, save_train_state
 from model.config import ModelConfig
 from model.curriculum import phase_steps
-from model.preprocess import ImageError, TrainAugment, decode, to_tensor
+from model.preprocess import ImageError, TrainAugment, decode
 from model.vocab import TagVocab
 from ray_jobs.train_config import TrainConfig
 
@@ -44,30 +45,17 @@ FAULT_ENV = "DANMUL_TEST_FAULT"  # test-only hook: "epoch:rank:marker-file" kill
 
 def decode_batch(batch: dict[str, np.ndarray], characters: list[str], tags: list[str], image_size: int,
                  mean: list[float], std: list[float], max_tags: int, augment: bool) -> dict[str, np.ndarray]:
-    """Shard rows -> model inputs. A row whose image does not decode keeps its place with ``ok = 0``,
-    so the training worker can count it and skip it."""
+    """Shard rows -> model inputs (:func:`model.batch.encode`). A row whose image does not decode keeps
+    its place with ``ok = 0``, so the training worker can count it and skip it."""
     class_of = {c: i for i, c in enumerate(characters)}
-    vocab = TagVocab(tags)
-    aug = TrainAugment() if augment else None
-    n = len(batch["image"])
-    pixels = np.zeros((n, 3, image_size, image_size), dtype=np.float32)
-    ok = np.ones(n, dtype=bool)
-    tag_lists = []
-    for i in range(n):
-        tag_lists.append([str(t) for t in batch["tags"][i]])
+    images = []
+    for data in batch["image"]:
         try:
-            img = decode(bytes(batch["image"][i]))
+            images.append(decode(bytes(data)))
         except ImageError:
-            ok[i] = False
-            continue
-        pixels[i] = to_tensor(aug(img) if aug else img, image_size, mean, std).numpy()
-    return {
-        "pixels": pixels,
-        "tag_ids": vocab.batch(tag_lists, max_tags).numpy(),
-        "tag_targets": vocab.multi_hot(tag_lists).numpy().astype(np.uint8),
-        "character": np.asarray([class_of.get(str(c), -1) for c in batch["character"]], dtype=np.int64),
-        "ok": ok,
-    }
+            images.append(None)
+    return encode(images, batch["tags"], [class_of.get(str(c), -1) for c in batch["character"]], TagVocab(tags),
+                  image_size, mean, std, max_tags, TrainAugment() if augment else None)
 
 
 KEEP_READ_MAX_BYTES = 1 << 30  # splits up to this many bytes of shards are read once per run (kept in Ray)
@@ -159,19 +147,12 @@ def _maybe_fail(epoch: int, rank: int, run_dir: Storage) -> None:
 
 
 def _good_batches(batches, device, bad: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Model batches from Ray Data batches: rows whose image did not decode are dropped and counted
-    in ``bad[0]``; a batch left with no rows is skipped."""
+    """Model batches from Ray Data batches (:func:`model.batch.model_batch`): rows whose image did not
+    decode are dropped and counted in ``bad[0]``; a batch left with no rows is skipped."""
     for batch in batches:
-        ok = batch["ok"].bool()
-        if bad is not None:
-            bad[0] += int((~ok).sum())
-        if ok.any():
-            yield {
-                "images": batch["pixels"][ok].to(device),
-                "tag_ids": batch["tag_ids"][ok].to(device),
-                "characters": batch["character"][ok].to(device),
-                "tag_targets": batch["tag_targets"][ok].float().to(device),
-            }
+        good = model_batch(batch, device, bad)
+        if good is not None:
+            yield good
 
 
 def _all_reduce(value: float, op: str = "sum") -> float:

@@ -67,7 +67,7 @@ def test_decode_batch_flags_bad_rows_without_dropping_them():
              "tags": np.array([np.array(["t1"]), np.array(["t2", "zz"])], dtype=object)}
     out = decode_batch(batch, ["a", "b"], ["t1", "t2"], 16, [0.5] * 3, [0.5] * 3, 4, augment=False)
     assert out["ok"].tolist() == [True, False]
-    assert out["pixels"].shape == (2, 3, 16, 16) and out["character"].tolist() == [0, 1]
+    assert out["images"].shape == (2, 3, 16, 16) and out["characters"].tolist() == [0, 1]
     assert out["tag_targets"].tolist() == [[1, 0], [0, 1]]
 
 
