@@ -93,7 +93,8 @@ class Labels:
         for name, values, names in (("character_thresholds", self.character_thresholds, "characters"),
                                     ("tag_thresholds", self.tag_thresholds, "tags")):
             if len(values) != len(getattr(self, names)):
-                raise ValueError(f"labels.json: {name} has {len(values)} entries for {len(getattr(self, names))} {names}")
+                raise ValueError(f"labels.json: {name} has {len(values)} entries for "
+                                 f"{len(getattr(self, names))} {names}")
 
     @classmethod
     def from_json(cls, data: bytes) -> Labels:

@@ -178,7 +178,7 @@ def test_labels_without_thresholds_for_tags_use_the_image_only_ones(tmp_path):
     ({"tag_thresholds": [True] * 20}, "tag_thresholds"),
     ({"tag_thresholds": {"tag_0": 0.5}}, "tag_thresholds"),
     ({"abstain_precision": float("inf")}, "abstain_precision"),
-    ({"characters": CHARS[:5] + [CHARS[0]]}, "characters"),
+    ({"characters": [*CHARS[:5], CHARS[0]]}, "characters"),
     ({"tags": [*TAGS[:19], ""]}, "tags"),
     ({"characters": None}, "characters"),
     ({"character_thresholds": [0.1] * 5}, "character_thresholds"),
