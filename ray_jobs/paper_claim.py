@@ -111,7 +111,7 @@ def _run_local(data: str, epochs: int | None, steps: int | None, seed: int, out:
                log: Callable[[str], None]) -> dict[str, dict]:
     storage = Storage(data)
     info = load_info(storage)
-    train, test = load_split(storage, "train", info), load_split(storage, "test", info)
+    train, val, test = (load_split(storage, split, info) for split in ("train", "val", "test"))
     vocab = TagVocab(info.tags)
     cfg = model_config_for(info, image_size=image_size)
     fit_cfg = FitConfig(epochs=epochs, steps=steps, seed=seed)
@@ -124,7 +124,10 @@ def _run_local(data: str, epochs: int | None, steps: int | None, seed: int, out:
         torch.manual_seed(seed)
         net = DanmulNet(cfg)
         fit(net, train, vocab, replace(fit_cfg), curriculum, log)
-        results[name] = training.evaluate(net, lambda: batches(test, vocab, cfg, 128))
+        # abstention thresholds calibrated on val, as danmul train does: how much the stream would answer
+        cal = training.calibrate(net, lambda: batches(val, vocab, cfg, 128), TARGET_PRECISION)
+        results[name] = training.evaluate(net, lambda: batches(test, vocab, cfg, 128), thresholds=cal.character,
+                                          thresholds_with_tags=cal.character_with_tags)
         if out:
             from model.checkpoint import Labels, save
 
@@ -152,6 +155,7 @@ def _run_distributed(data: str, epochs: int | None, steps: int | None, seed: int
     return results
 
 
+TARGET_PRECISION = 0.9  # danmul train's default --target-precision
 CURRICULUM_CLOSE = 0.02  # curriculum image-only top-1 within this of the image-only model's
 NO_CURRICULUM_GAP = 0.10  # no-curriculum image-only top-1 at least this far below the image-only model's
 
@@ -173,14 +177,23 @@ def ordering_checks(results: dict[str, dict]) -> list[tuple[str, bool]]:
 
 
 def format_table(results: dict[str, dict], n_test: int) -> str:
+    """The three-model table; with the share answered (and right) at the calibrated thresholds when the
+    results have them."""
+    answered = all("coverage" in r["image_only"] for r in results.values())
+    extra = " | image-only answered (precision) | image+tags answered (precision)" if answered else ""
     lines = [
         f"test split, {n_test} images | image-only top-1 | image-only top-5 | image+tags top-1 | image+tags top-5 "
-        "| tag mAP (image-only)",
-        "|---|---|---|---|---|---|",
+        f"| tag mAP (image-only){extra}",
+        "|---|---|---|---|---|---|" + ("---|---|" if answered else ""),
     ]
     for name, r in results.items():
         io, it = r["image_only"], r["image_tags"]
+        cells = (f" {io['coverage']:.3f} ({io['precision']:.3f}) | {it['coverage']:.3f} ({it['precision']:.3f}) |"
+                 if answered else "")
         lines.append(f"| {name} | {io['top1']:.3f} | {io['top5']:.3f} | {it['top1']:.3f} | {it['top5']:.3f} "
-                     f"| {io['tag_map']:.3f} |")
+                     f"| {io['tag_map']:.3f} |{cells}")
     lines[0] = "| " + lines[0] + " |"
+    if answered:
+        lines.append(f"answered: the share of test images named at the abstention thresholds calibrated on val for "
+                     f"precision {TARGET_PRECISION} (the precision of those answers in brackets)")
     return "\n".join(lines)

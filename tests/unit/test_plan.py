@@ -138,6 +138,23 @@ def test_the_paper_ordering_checks_pass_and_fail_on_the_numbers():
     assert "0.950 > image-only model 0.800" in lines[0]
 
 
+def test_the_paper_table_shows_what_the_stream_would_answer_when_thresholds_were_calibrated():
+    from ray_jobs.paper_claim import format_table
+
+    def mode(top1: float, coverage: float | None = None) -> dict:
+        m = {"top1": top1, "top5": 0.9, "tag_map": 0.4}
+        return m if coverage is None else {**m, "coverage": coverage, "precision": 0.92}
+
+    calibrated = {"image-only": {"image_only": mode(0.5, 0.25), "image_tags": mode(0.5, 0.3)},
+                  "multimodal, curriculum": {"image_only": mode(0.6, 0.4), "image_tags": mode(0.9, 0.85)}}
+    table = format_table(calibrated, 121)
+    assert "| multimodal, curriculum | 0.600 | 0.900 | 0.900 | 0.900 | 0.400 | 0.400 (0.920) | 0.850 (0.920) |" in table
+    assert "calibrated on val for precision 0.9" in table
+    plain = format_table({name: {m: mode(r[m]["top1"]) for m in r} for name, r in calibrated.items()}, 121)
+    assert "answered" not in plain
+    assert plain.splitlines()[-1] == "| multimodal, curriculum | 0.600 | 0.900 | 0.900 | 0.900 | 0.400 |"
+
+
 def test_a_pass_stops_at_the_budget_or_when_the_workers_do_not_all_have_a_batch():
     import itertools
 
