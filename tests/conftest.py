@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from local_cluster import RAY_CPUS
 
 from ray_jobs.local_redis import RedisServer
 
@@ -64,17 +65,28 @@ def s3_bucket(s3_endpoint: str) -> str:
     return f"s3://{name}"
 
 
+@pytest.fixture(scope="session")
+def _ray_session() -> Iterator[None]:
+    """Stops the shared local Ray, if one is up, when the session ends."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray (4 logical CPUs on the 2 cores: Serve's controller, proxy and replicas share them) for
-    one test module; Serve and Ray are shut down after it."""
+def ray_cluster(_ray_session) -> Iterator[None]:
+    """A local Ray shared by every module that uses this fixture: the first starts it and the session's end
+    stops it (each start and stop costs seconds of both cores). Serve is shut down after each module, so
+    every module starts from no applications, and fresh replicas with fresh counters."""
     import ray
     from ray import serve
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
     yield
     serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import boto3
 import numpy as np
 import pyarrow as pa
 import pytest
+from local_cluster import own_ray
 
 from model.tagger import Tagger
 from ray_jobs.backfill import BackfillConfig, read_results, run
@@ -49,11 +50,9 @@ def archive(s3_endpoint, tiny_rows):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    """A Ray of 2 CPUs of its own: the backfill sizes its predictor pool from the cluster's CPUs."""
+    with own_ray(num_cpus=2):
+        yield
 
 
 def test_archive_in_s3_matches_tagger_and_records_errors(local_ray, archive, tiny_checkpoint, s3_bucket):

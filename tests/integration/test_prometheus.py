@@ -31,9 +31,8 @@ def prom_query(port: int, expr: str) -> list:
     return body["data"]["result"]
 
 
-def test_prometheus_scrapes_the_pipeline_and_every_streaming_panel_has_data(tiny_checkpoint, tiny_rows,
+def test_prometheus_scrapes_the_pipeline_and_every_streaming_panel_has_data(ray_cluster, tiny_checkpoint, tiny_rows,
                                                                               redis_server, tmp_path):
-    import ray
     from ray import serve
 
     from deploy.app import deploy, undeploy
@@ -53,7 +52,6 @@ scrape_configs:
     prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         s = ServeSettings(checkpoint=tiny_checkpoint, redis=redis_server.url, http_port=http_port,
                           metrics_port=metrics_port, claim_idle_s=1, max_deliveries=2, allowed_buckets="offline",
@@ -94,4 +92,3 @@ scrape_configs:
         prom.terminate()
         prom.wait(timeout=30)
         serve.shutdown()
-        ray.shutdown()

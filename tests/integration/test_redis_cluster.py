@@ -96,8 +96,7 @@ def test_the_protocol_runs_on_a_cluster_with_a_hash_tagged_prefix(cluster):
     assert sync.xlen(KEYS.results) == 3 and sync.xlen(KEYS.dead) == 2 and sync.exists(KEYS.result(0))
 
 
-def test_the_streaming_tagger_on_a_cluster(cluster, tiny_checkpoint, tiny_rows):
-    import ray
+def test_the_streaming_tagger_on_a_cluster(cluster, ray_cluster, tiny_checkpoint, tiny_rows):
     from ray import serve
 
     from deploy.app import deploy, undeploy
@@ -106,7 +105,6 @@ def test_the_streaming_tagger_on_a_cluster(cluster, tiny_checkpoint, tiny_rows):
     keys = Keys("{tagger}:")
     sync = RedisCluster.from_url(cluster)
     ids = [enqueue(sync, keys, i, image=tiny_rows[i % len(tiny_rows)]["image"]).decode() for i in range(40)]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         deploy(ServeSettings(checkpoint=tiny_checkpoint, redis=cluster, redis_cluster=True, prefix=keys.prefix,
                              http_port=free_port(), metrics_port=free_port()))
@@ -120,4 +118,3 @@ def test_the_streaming_tagger_on_a_cluster(cluster, tiny_checkpoint, tiny_rows):
         undeploy()
     finally:
         serve.shutdown()
-        ray.shutdown()

@@ -13,6 +13,7 @@ import time
 import pytest
 import redis
 import requests
+from local_cluster import own_ray
 
 from ingest.queue import Keys, enqueue
 from ray_jobs.local_redis import RedisServer, free_port
@@ -41,14 +42,10 @@ def test_wrong_password_stops_danmul_serve_at_start_up(acl_redis, tiny_checkpoin
 
 
 def test_credentials_from_the_environment_then_revoked_then_restored(acl_redis, tiny_checkpoint, tiny_rows):
-    import ray
-    from ray import serve
-
     from deploy.app import deploy, undeploy
     from deploy.settings import ServeSettings
 
     os.environ["REDIS_PASSWORD"] = PASSWORD  # before Ray starts: its workers inherit it, as pods do
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     admin = redis.Redis(port=acl_redis.port, username="danmul", password=PASSWORD)
     keys = Keys()
     port = free_port()
@@ -66,35 +63,34 @@ def test_credentials_from_the_environment_then_revoked_then_restored(acl_redis, 
             time.sleep(0.5)
 
     try:
-        deploy(s)
-        for i in range(10):
-            enqueue(admin, keys, i, image=tiny_rows[i]["image"])
-        wait(lambda: results() == 10)
-        assert requests.get(health, timeout=30).status_code == 200
+        with own_ray():  # a Ray started now: its workers inherit the variable
+            deploy(s)
+            for i in range(10):
+                enqueue(admin, keys, i, image=tiny_rows[i]["image"])
+            wait(lambda: results() == 10)
+            assert requests.get(health, timeout=30).status_code == 200
 
-        admin.acl_setuser("danmul", enabled=True, reset_passwords=True, passwords=["+rotated"],
-                          keys=["danmul:*"], channels=["*"], commands=["+@all"])  # fmt: skip
-        admin = redis.Redis(port=acl_redis.port, username="danmul", password="rotated")
-        admin.client_kill_filter(_type="normal", skipme=True)  # the tagger must log in again, and cannot
-        for i in range(10, 20):
-            enqueue(admin, keys, i, image=tiny_rows[i]["image"])
-        def unhealthy_because() -> str:
-            answer = requests.get(health, timeout=30)
-            return answer.json().get("error", "") if answer.status_code == 503 else ""
+            admin.acl_setuser("danmul", enabled=True, reset_passwords=True, passwords=["+rotated"],
+                              keys=["danmul:*"], channels=["*"], commands=["+@all"])  # fmt: skip
+            admin = redis.Redis(port=acl_redis.port, username="danmul", password="rotated")
+            admin.client_kill_filter(_type="normal", skipme=True)  # the tagger must log in again, and cannot
+            for i in range(10, 20):
+                enqueue(admin, keys, i, image=tiny_rows[i]["image"])
+            def unhealthy_because() -> str:
+                answer = requests.get(health, timeout=30)
+                return answer.json().get("error", "") if answer.status_code == 503 else ""
 
-        # the killed connection may first read as "unavailable (ConnectionError)"; logging in again is
-        # what the new password refuses, and /health must come to say so (and never show a password)
-        wait(lambda: "refused the credentials" in unhealthy_because())
-        body = requests.get(health, timeout=30).json()
-        assert "refused the credentials" in body["error"] and PASSWORD not in str(body)
-        assert results() == 10
+            # the killed connection may first read as "unavailable (ConnectionError)"; logging in again is
+            # what the new password refuses, and /health must come to say so (and never show a password)
+            wait(lambda: "refused the credentials" in unhealthy_because())
+            body = requests.get(health, timeout=30).json()
+            assert "refused the credentials" in body["error"] and PASSWORD not in str(body)
+            assert results() == 10
 
-        admin.acl_setuser("danmul", enabled=True, reset_passwords=True, passwords=[f"+{PASSWORD}"],
-                          keys=["danmul:*"], channels=["*"], commands=["+@all"])  # fmt: skip
-        wait(lambda: results() == 20)
-        wait(lambda: requests.get(health, timeout=30).status_code == 200)
-        undeploy()
+            admin.acl_setuser("danmul", enabled=True, reset_passwords=True, passwords=[f"+{PASSWORD}"],
+                              keys=["danmul:*"], channels=["*"], commands=["+@all"])  # fmt: skip
+            wait(lambda: results() == 20)
+            wait(lambda: requests.get(health, timeout=30).status_code == 200)
+            undeploy()
     finally:
         os.environ.pop("REDIS_PASSWORD", None)
-        serve.shutdown()
-        ray.shutdown()

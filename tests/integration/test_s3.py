@@ -72,7 +72,7 @@ def test_build_from_s3_into_s3_matches_a_local_build(s3_bucket, tmp_path):
     assert rows(out_s3) == rows(Storage(str(tmp_path / "danmul")))
 
 
-def test_synth_into_s3_is_read_by_ray_data(s3_bucket):
+def test_synth_into_s3_is_read_by_ray_data(s3_bucket, ray_cluster):
     """The shard contract as the training job will use it: Ray Data reads a split straight from S3."""
     import ray
 
@@ -81,12 +81,8 @@ def test_synth_into_s3_is_read_by_ray_data(s3_bucket):
                       progress=False)
     assert sorted(e.path for e in out.list(suffixes=(".parquet",))) == sorted(
         p for s in SPLITS for p in info.shards[s])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        ds = ray.data.read_parquet(out.path("train"), filesystem=out.fs).select_columns(["post_id", "character"])
-        rows = ds.take_all()
-    finally:
-        ray.shutdown()
+    ds = ray.data.read_parquet(out.path("train"), filesystem=out.fs).select_columns(["post_id", "character"])
+    rows = ds.take_all()
     assert len(rows) == info.splits["train"]
     assert {r["character"] for r in rows} == set(info.characters)
 
