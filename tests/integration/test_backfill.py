@@ -85,7 +85,9 @@ def test_interrupted_then_rerun_gives_every_post_once(archive, tiny_checkpoint, 
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 300
-    while not (os.path.isdir(f"{out}/results") and len(os.listdir(f"{out}/results")) >= 3):
+    # kill at the first result file: a whole run of these 2,000 images writes only about four, so waiting
+    # for three let the run finish before the kill landed
+    while not (os.path.isdir(f"{out}/results") and os.listdir(f"{out}/results")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-run
