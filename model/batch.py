@@ -52,6 +52,7 @@ def model_batch(arrays: dict[str, np.ndarray | torch.Tensor], device: torch.devi
         bad[0] += int((~ok).sum())
     if not ok.any():
         return None
-    keep = {k: v if ok.all() else v[ok] for k, v in t.items() if k != "ok"}
+    rows = slice(None) if ok.all() else ok
+    keep = {k: v[rows] for k, v in t.items() if k != "ok"}
     keep["tag_targets"] = keep["tag_targets"].float()
     return {k: v.to(device) for k, v in keep.items()}

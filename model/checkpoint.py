@@ -86,15 +86,13 @@ class Labels:
             self.character_thresholds = [0.0] * len(self.characters)
         if not self.character_thresholds_with_tags:
             self.character_thresholds_with_tags = list(self.character_thresholds)
-        if len(self.character_thresholds_with_tags) != len(self.characters):
-            raise ValueError("labels.json: character_thresholds_with_tags does not match the characters")
         if not self.tag_thresholds:
             self.tag_thresholds = [DEFAULT_TAG_THRESHOLD] * len(self.tags)
-        for name, values, names in (("character_thresholds", self.character_thresholds, "characters"),
-                                    ("tag_thresholds", self.tag_thresholds, "tags")):
-            if len(values) != len(getattr(self, names)):
-                raise ValueError(f"labels.json: {name} has {len(values)} entries for "
-                                 f"{len(getattr(self, names))} {names}")
+        for name, names in (("character_thresholds", "characters"), ("character_thresholds_with_tags", "characters"),
+                            ("tag_thresholds", "tags")):
+            values, labels = getattr(self, name), getattr(self, names)
+            if len(values) != len(labels):
+                raise ValueError(f"labels.json: {name} has {len(values)} entries for {len(labels)} {names}")
 
     @classmethod
     def from_json(cls, data: bytes) -> Labels:

@@ -57,10 +57,7 @@ class Tagger:
         self.vocab = TagVocab(self.labels.tags)
         self.preprocess = Preprocessor.from_config(self.config)
         self.batch_size = batch_size
-        self.character_thresholds = np.asarray(self.labels.character_thresholds, dtype=np.float32)
-        self.character_thresholds_with_tags = np.asarray(self.labels.character_thresholds_with_tags,
-                                                         dtype=np.float32)
-        self.tag_thresholds = np.asarray(self.labels.tag_thresholds, dtype=np.float32)
+        self.set_thresholds()  # the checkpoint's calibrated ones
         # bf16 on GPU; exact fp32 on CPU, where bf16 is slow and changes numbers
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
 

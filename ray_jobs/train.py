@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -120,7 +120,7 @@ def train_images(rows, kept: bool, declared: int, log=print) -> int:
 # -- the training loop, on every worker -----------------------------------------------------------------
 
 
-def _maybe_fail(epoch: int, rank: int, run_dir: Storage) -> None:
+def _maybe_fail(epoch: int, rank: int, run_dir: Callable[[], Storage]) -> None:
     """Test-only fault injection: ``DANMUL_TEST_FAULT=epoch:rank:marker`` kills that worker process
     after the first step of that epoch (0-based), once (the marker file records that it happened), and
     only once Ray has recorded the previous epoch's checkpoint: a kill in the moment between a report
@@ -132,10 +132,11 @@ def _maybe_fail(epoch: int, rank: int, run_dir: Storage) -> None:
     if epoch == int(at_epoch) and rank == int(at_rank) and not os.path.exists(marker):
         import json
 
+        runs = run_dir()
         deadline = time.monotonic() + 120
         while epoch > 0 and time.monotonic() < deadline:
             try:
-                snapshot = json.loads(run_dir.read_text("checkpoint_manager_snapshot.json"))
+                snapshot = json.loads(runs.read_text("checkpoint_manager_snapshot.json"))
                 if (snapshot.get("latest_checkpoint_result") or {}).get("metrics", {}).get("epoch", 0) >= epoch:
                     break
             except (OSError, ValueError):
@@ -241,7 +242,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 gauges.TRAIN_STEP.set(at)
                 gauges.TRAIN_TEXT_DROP.set(logs.get("text_drop", 0.0))
             if at == pass_start + 1:
-                _maybe_fail(first, rank, Storage(config["run_dir"], cfg.endpoint_url))
+                _maybe_fail(first, rank, lambda: Storage(config["run_dir"], cfg.endpoint_url))
 
         done = training.train_pass(net, optimizer, good, step, total_steps, optim, curriculum, generator,
                                    torch.bfloat16 if use_bf16 else None, agree=agree, on_step=on_step,
