@@ -19,7 +19,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -36,9 +36,6 @@ from model.curriculum import phase_steps
 from model.preprocess import ImageError, TrainAugment, decode
 from model.vocab import TagVocab
 from ray_jobs.train_config import TrainConfig
-
-FAULT_ENV = "DANMUL_TEST_FAULT"  # test-only hook: "epoch:rank:marker-file" kills that worker once
-
 
 # -- Ray Data: decoding on CPU tasks ------------------------------------------------------------------
 
@@ -118,33 +115,6 @@ def train_images(rows, kept: bool, declared: int, log=print) -> int:
 
 
 # -- the training loop, on every worker -----------------------------------------------------------------
-
-
-def _maybe_fail(epoch: int, rank: int, run_dir: Callable[[], Storage]) -> None:
-    """Test-only fault injection: ``DANMUL_TEST_FAULT=epoch:rank:marker`` kills that worker process
-    after the first step of that epoch (0-based), once (the marker file records that it happened), and
-    only once Ray has recorded the previous epoch's checkpoint: a kill in the moment between a report
-    and its record would restart the run one epoch further back, which is not what the test asks."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    at_epoch, at_rank, marker = spec.split(":", 2)
-    if epoch == int(at_epoch) and rank == int(at_rank) and not os.path.exists(marker):
-        import json
-
-        runs = run_dir()
-        deadline = time.monotonic() + 120
-        while epoch > 0 and time.monotonic() < deadline:
-            try:
-                snapshot = json.loads(runs.read_text("checkpoint_manager_snapshot.json"))
-                if (snapshot.get("latest_checkpoint_result") or {}).get("metrics", {}).get("epoch", 0) >= epoch:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.2)
-        with open(marker, "w") as f:
-            f.write(f"killed rank {rank} at epoch {epoch}\n")
-        os._exit(1)
 
 
 def _good_batches(batches, device, bad: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
@@ -236,13 +206,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ), device, bad)
         pass_start = step
 
-        def on_step(at: int, logs: dict[str, float], pass_start=pass_start, first=first) -> None:
+        def on_step(at: int, logs: dict[str, float]) -> None:
             if gauges:
                 gauges.TRAIN_LOSS.set(logs["loss"])
                 gauges.TRAIN_STEP.set(at)
                 gauges.TRAIN_TEXT_DROP.set(logs.get("text_drop", 0.0))
-            if at == pass_start + 1:
-                _maybe_fail(first, rank, lambda: Storage(config["run_dir"], cfg.endpoint_url))
 
         done = training.train_pass(net, optimizer, good, step, total_steps, optim, curriculum, generator,
                                    torch.bfloat16 if use_bf16 else None, agree=agree, on_step=on_step,
