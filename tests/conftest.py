@@ -76,10 +76,11 @@ def _ray_session() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(_ray_session) -> Iterator[None]:
+def ray_cluster(_ray_session, s3_endpoint) -> Iterator[None]:
     """A local Ray shared by every module that uses this fixture: the first starts it and the session's end
     stops it (each start and stop costs seconds of both cores). Serve is shut down after each module, so
-    every module starts from no applications, and fresh replicas with fresh counters."""
+    every module starts from no applications, and fresh replicas with fresh counters. The S3 API is up
+    first: Ray's workers inherit the environment that points at it, whichever module starts Ray."""
     import ray
     from ray import serve
 
