@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -75,15 +76,23 @@ def test_errors_are_one_clear_line_and_nonzero(tmp_path):
     assert proc.returncode == 2 and "no_such_setting" in proc.stderr
 
 
+def processes_of(run: str) -> list[str]:
+    """Live processes started by the command run with ``DANMUL_TEST_RUN=run`` (they inherit its environment:
+    Ray's gcs_server, raylet and workers, the demo's redis-server); other tests' processes are not counted."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "name"]):
+        with contextlib.suppress(psutil.Error):
+            if p.environ().get("DANMUL_TEST_RUN") == run:
+                found.append(f"{p.info['pid']} {p.info['name']}")
+    return found
+
+
 @pytest.mark.slow
-def _ray_daemons() -> int:
-    found = subprocess.run(["pgrep", "-f", "gcs_server|raylet|redis-server"], capture_output=True, text=True).stdout
-    return len(found.split())
-
-
 def test_demo_quick_runs_end_to_end_and_leaves_no_processes(tmp_path):
-    before = _ray_daemons()
-    proc = danmul("demo", "--quick", "--out", str(tmp_path / "demo"))
+    run = f"demo-{os.getpid()}-{time.monotonic_ns()}"
+    proc = danmul("demo", "--quick", "--out", str(tmp_path / "demo"), env={"DANMUL_TEST_RUN": run})
     out = proc.stdout
     for step in ("== step 1", "== step 2", "== step 3", "== step 4", "== step 5: shut down", "demo finished"):
         assert step in out, out[-3000:]
@@ -106,9 +115,9 @@ def test_demo_quick_runs_end_to_end_and_leaves_no_processes(tmp_path):
     assert not noise, noise[:5]
     assert (tmp_path / "demo" / "runs" / "demo" / "model" / "model.safetensors").exists()
     deadline = time.monotonic() + 30  # Ray's daemons exit a moment after the driver
-    while _ray_daemons() > before and time.monotonic() < deadline:
+    while processes_of(run) and time.monotonic() < deadline:
         time.sleep(1)
-    assert _ray_daemons() <= before
+    assert not processes_of(run)
 
 
 @pytest.mark.bench
