@@ -91,7 +91,7 @@ def main(epochs: int = 4, workers: int = 2, characters: int = 24, images: int = 
         result = trainer.fit()
         in_memory = float(result.return_value)
         # the input pipeline alone, no training: its capacity when it has the cores to itself
-        from ray_jobs.train import make_dataset
+        from ray_jobs.train_data import make_dataset
 
         ds = make_dataset(Storage(data), "train", info, cfg.model_config(info), augment=True)
         capacity = 0.0

@@ -29,33 +29,14 @@ from ingest.schema import DatasetInfo
 from ingest.shards import load_info
 from ingest.storage import Storage
 from model import train as training
-from model.batch import encode, model_batch
+from model.batch import model_batch
 from model.checkpoint import CONFIG, LABELS, METRICS, WEIGHTS, Labels, load, load_train_state, save, save_train_state
 from model.config import ModelConfig
 from model.curriculum import phase_steps
-from model.preprocess import ImageError, TrainAugment, decode
 from model.vocab import TagVocab
 from ray_jobs.train_config import TrainConfig
+from ray_jobs.train_data import make_dataset, model_inputs, read_split, train_images
 
-# -- Ray Data: decoding on CPU tasks ------------------------------------------------------------------
-
-
-def decode_batch(batch: dict[str, np.ndarray], characters: list[str], tags: list[str], image_size: int,
-                 mean: list[float], std: list[float], max_tags: int, augment: bool) -> dict[str, np.ndarray]:
-    """Shard rows -> model inputs (:func:`model.batch.encode`). A row whose image does not decode keeps
-    its place with ``ok = 0``, so the training worker can count it and skip it."""
-    class_of = {c: i for i, c in enumerate(characters)}
-    images = []
-    for data in batch["image"]:
-        try:
-            images.append(decode(bytes(data)))
-        except ImageError:
-            images.append(None)
-    return encode(images, batch["tags"], [class_of.get(str(c), -1) for c in batch["character"]], TagVocab(tags),
-                  image_size, mean, std, max_tags, TrainAugment() if augment else None)
-
-
-KEEP_READ_MAX_BYTES = 1 << 30  # splits up to this many bytes of shards are read once per run (kept in Ray)
 REPORT_MIN_IMAGES = 2048  # a step-budget run reports (validates, checkpoints) at most once per this many images
 
 
@@ -67,51 +48,6 @@ def report_group(plan, epochs_given: bool) -> int:
     if epochs_given:
         return 1
     return max(1, min(plan.epochs, -(-REPORT_MIN_IMAGES // plan.images)))
-
-
-def read_split(storage: Storage, split: str):
-    """The split's shard rows (image, character, tags) as a Ray dataset, and whether they were read
-    once and kept: a small split's encoded rows stay in the object store, since each pass would
-    otherwise list the files and start new footer-reading actors (processes) again, which on a small
-    split costs more than the training it feeds. Sized by the shards' bytes on storage, not by
-    dataset.json's counts, which a foreign dataset may get wrong."""
-    import ray.data
-
-    ds = ray.data.read_parquet(storage.path(split), filesystem=storage.fs).select_columns(
-        ["image", "character", "tags"])
-    if sum(f.size for f in storage.list(split)) <= KEEP_READ_MAX_BYTES:  # every file Ray Data would read
-        return ds.materialize(), True
-    return ds, False
-
-
-def model_inputs(rows, info: DatasetInfo, mcfg: ModelConfig, augment: bool, repeat: int = 1):
-    """Shard rows as model inputs; with ``repeat`` > 1 one pass goes over the rows that many times
-    (each time freshly augmented and shuffled)."""
-    if repeat > 1:
-        rows = rows.union(*[rows] * (repeat - 1))
-    return rows.map_batches(
-        decode_batch, batch_size=64, batch_format="numpy",
-        fn_kwargs=dict(characters=info.characters, tags=info.tags, image_size=mcfg.image_size,
-                       mean=list(mcfg.mean), std=list(mcfg.std), max_tags=mcfg.max_tags, augment=augment),
-    )  # fmt: skip
-
-
-def make_dataset(storage: Storage, split: str, info: DatasetInfo, mcfg: ModelConfig, augment: bool,
-                 repeat: int = 1):
-    """The split as model inputs (:func:`read_split`, then :func:`model_inputs`)."""
-    return model_inputs(read_split(storage, split)[0], info, mcfg, augment, repeat)
-
-
-def train_images(rows, kept: bool, declared: int, log=print) -> int:
-    """The number of train images to plan with: counted when the rows were read (free then), else
-    what dataset.json declares. A count that differs from the declared one is said, once."""
-    if not kept:
-        return declared
-    counted = rows.count()
-    if counted != declared:
-        log(f"dataset.json declares {declared:,} train images, its shards hold {counted:,} rows: "
-            "planning with the rows")
-    return counted
 
 
 # -- the training loop, on every worker -----------------------------------------------------------------

@@ -26,7 +26,8 @@ from ingest.storage import Storage
 from ingest.synth import SynthConfig, synthesize
 from model.tagger import Tagger
 from ray_jobs.local_redis import free_port
-from ray_jobs.train import decode_batch, read_progress
+from ray_jobs.train import read_progress
+from ray_jobs.train_data import decode_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TRAIN = [sys.executable, "-m", "ray_jobs.cli", "train", "--image-size", "32", "--batch-size", "32"]

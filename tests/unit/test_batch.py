@@ -13,7 +13,7 @@ from model.batch import encode, model_batch
 from model.config import preset
 from model.vocab import TagVocab
 from ray_jobs.local_data import Split, batches
-from ray_jobs.train import decode_batch
+from ray_jobs.train_data import decode_batch
 
 TAGS = ["red", "blue", "hat"]
 
