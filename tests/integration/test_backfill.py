@@ -49,8 +49,9 @@ def archive(s3_endpoint, tiny_rows):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """A Ray of 2 CPUs of its own: the backfill sizes its predictor pool from the cluster's CPUs."""
+def local_ray(s3_endpoint):
+    """A Ray of 2 CPUs of its own: the backfill sizes its predictor pool from the cluster's CPUs. The S3 API
+    is up first, so its workers inherit the environment that points at it (and its credentials)."""
     with own_ray(num_cpus=2):
         yield
 
