@@ -16,6 +16,9 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 PIPQ   := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 DEMO_OUT ?= demo-out
+# Test processes for `make test`. Each test file runs whole in one of them (its module fixtures, such as a
+# Serve app, are set up once); on 2 cores two processes fill the time the tests spend waiting on services.
+TEST_WORKERS ?= 2
 
 .PHONY: help setup venv system-deps test test-fast lint demo bench-build clean
 
@@ -54,7 +57,7 @@ lint: venv
 	$(BIN)/ruff check .
 
 test: setup lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: venv
 	$(BIN)/python -m pytest tests/unit -q

@@ -13,13 +13,27 @@ from local_cluster import RAY_CPUS
 
 from ray_jobs.local_redis import RedisServer
 
+# The files that take longest (whole CLI runs, cluster restarts), longest first, as measured on 2 cores:
+# `make test` runs two test processes, each given whole files in this order, and a long file started
+# last would leave one process working alone at the end. The order changes nothing else.
+LONGEST_FIRST = ("integration/test_train.py", "test_cli.py", "integration/test_backfill.py",
+                 "integration/test_serve_cli.py", "integration/test_hostile_stream.py", "integration/test_stream.py",
+                 "integration/test_chaos.py")  # fmt: skip
+
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Markers follow the folders: everything under tests/integration talks to real services and is marked
-    ``integration``; tests/unit needs none (``make test-fast`` runs it)."""
+    ``integration``; tests/unit needs none (``make test-fast`` runs it). The longest files run first."""
     for item in items:
         if "integration" in item.path.parts:
             item.add_marker(pytest.mark.integration)
+
+    def rank(item) -> int:
+        path = item.path.as_posix()
+        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith("/tests/" + name)),
+                    len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: within a file, and among the rest, the collected order
 
 
 S3_ENV = {
