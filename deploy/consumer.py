@@ -37,6 +37,10 @@ MODEL_UNAVAILABLE_ATTEMPTS = 3  # a model call refused because no replica is rea
 REDIS_WRITE_PATIENCE_S = 30.0  # how long a finished upload waits for Redis to come back before it is left
 IDLE_POLL_S = (0.005, 0.1)  # polling for new uploads when the stream is empty: first and longest wait
 STATS_INTERVAL_S = 2.0
+# once the consumer is stopping, a model call in flight gets this long to answer, then its upload is left
+# pending (redelivered after the restart): a stop deletes the model with the consumers, and a call whose
+# replica is gone would otherwise hold the stop for the whole model timeout
+STOP_GRACE_S = 3.0
 REDIS_ERROR_LOG_INTERVAL_S = 30.0
 
 
@@ -342,9 +346,11 @@ class UploadConsumer:
         if upload.deliveries <= 1:
             for attempt in range(MODEL_UNAVAILABLE_ATTEMPTS):
                 try:
-                    return await asyncio.wait_for(self.batcher.submit(image, tags), timeout)
+                    return await self._answer(self.batcher.submit(image, tags), timeout)
                 except TimeoutError:
                     raise LeftPending("model_timeout", f"no answer within {timeout:.0f} s") from None
+                except LeftPending:
+                    raise
                 except Exception as e:
                     if self.stopping.is_set():
                         raise LeftPending("model_unavailable", "consumer stopping") from None
@@ -356,10 +362,12 @@ class UploadConsumer:
                 raise LeftPending("model_unavailable", "no model replica answered")
         async with self.solo:
             try:
-                [out] = await asyncio.wait_for(self.model.tag_many.remote([image], [tags]), timeout)
+                [out] = await self._answer(self.model.tag_many.remote([image], [tags]), timeout)
                 return out
             except TimeoutError:
                 raise LeftPending("model_timeout", f"no answer within {timeout:.0f} s alone") from None
+            except LeftPending:
+                raise
             except Exception as e:
                 reason = "replica_died" if _replica_died(e) else "model_unavailable"
                 raise LeftPending(reason, f"{type(e).__name__}: {str(e)[:200]}") from None
@@ -436,6 +444,26 @@ class UploadConsumer:
         return {"consumer": self.name, "in_flight": len(self.tasks), "held_bytes": self.held_bytes,
                 "counts": dict(self.counts), "running": not self.loop_task.done(),
                 "redis": self.redis_problem or "ok"}
+
+    async def _answer(self, call, timeout: float):
+        """``call``'s answer within ``timeout`` (else :class:`TimeoutError`); once the consumer is stopping,
+        within :data:`STOP_GRACE_S` more at most (else :class:`LeftPending`: the upload stays pending)."""
+        answer = asyncio.ensure_future(call)
+        grace = asyncio.ensure_future(self._stop_grace())
+        try:
+            done, _ = await asyncio.wait({answer, grace}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            grace.cancel()
+        if answer in done:
+            return answer.result()
+        answer.cancel()
+        if grace in done:
+            raise LeftPending("model_unavailable", f"consumer stopping: no answer {STOP_GRACE_S:.0f} s into the stop")
+        raise TimeoutError
+
+    async def _stop_grace(self) -> None:
+        await self.stopping.wait()
+        await asyncio.sleep(STOP_GRACE_S)
 
     def check_health(self) -> None:
         if self.loop_task.done() and not self.stopping.is_set():

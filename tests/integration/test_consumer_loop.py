@@ -42,16 +42,24 @@ class FakeModel:
         return answer()
 
 
+def harness(model: FakeModel, redis_url: str, **settings):
+    """A consumer in this process (call it inside a running event loop); stop it by awaiting
+    ``UploadConsumer.func_or_class.__del__(consumer)``, as Serve does."""
+    from deploy.consumer import UploadConsumer
+
+    class Harness(UploadConsumer.func_or_class):
+        def __del__(self) -> None:  # stopped by awaiting the real one (Serve awaits it the same way)
+            pass
+
+    return Harness(model, {"checkpoint": "m", "redis": redis_url, "metrics_port": 0, **settings})
+
+
 def consume(redis_url: str, model: FakeModel, until, timeout: float = 60, **settings):
     """Run one consumer until ``until(sync_client)`` holds (or fail after ``timeout``)."""
     from deploy.consumer import UploadConsumer
 
-    class Harness(UploadConsumer.func_or_class):
-        def __del__(self) -> None:  # stopped below, by awaiting the real one (Serve awaits it the same way)
-            pass
-
     async def main():
-        consumer = Harness(model, {"checkpoint": "m", "redis": redis_url, "metrics_port": 0, **settings})
+        consumer = harness(model, redis_url, **settings)
         c = redis.Redis.from_url(redis_url)
         deadline = time.monotonic() + timeout
         try:
@@ -64,6 +72,14 @@ def consume(redis_url: str, model: FakeModel, until, timeout: float = 60, **sett
             await UploadConsumer.func_or_class.__del__(consumer)
 
     return asyncio.run(main())
+
+
+def pending(c: redis.Redis, keys: Keys) -> int:
+    """Uploads delivered and not acknowledged (0 before the consumer made its group)."""
+    try:
+        return c.xpending(keys.uploads, "danmul-taggers")["pending"]
+    except redis.ResponseError:
+        return 0
 
 
 def ended(c: redis.Redis, n: int) -> bool:
@@ -79,6 +95,31 @@ def test_a_model_that_never_answers_is_abandoned_and_named_in_the_dead_letter(re
     [(_, dead)] = c.xrange(Keys().dead)
     assert dead[b"reason"] == b"max_deliveries" and dead[b"detail"].endswith(b"last: model_timeout")
     assert c.xpending(Keys().uploads, "danmul-taggers")["pending"] == 0
+
+
+def test_a_stop_leaves_an_unanswered_upload_pending_instead_of_waiting_out_the_model_timeout(redis_server):
+    """A stop deletes the model with the consumers, so a call in flight may never be answered: it gets
+    STOP_GRACE_S, then its upload stays pending for the next start, named ``model_unavailable``; the stop
+    does not wait out ``model_timeout_s`` (an hour here, longer than the stop's own limit)."""
+    from deploy.consumer import UploadConsumer
+
+    c = redis.Redis(port=redis_server.port)
+    keys = Keys()
+    [upload] = [enqueue(c, keys, 1, image=b"img")]
+
+    async def main():
+        consumer = harness(FakeModel(delay=3600), redis_server.url, model_timeout_s=3600)
+        deadline = time.monotonic() + 60
+        while not pending(c, keys):  # delivered, its model call in flight
+            assert time.monotonic() < deadline, "never delivered"
+            await asyncio.sleep(0.05)
+        await UploadConsumer.func_or_class.__del__(consumer)
+        return consumer.loop_task.done()
+
+    assert asyncio.run(main()), "the stop gave up on the loop instead of the loop ending"
+    assert pending(c, keys) == 1  # left for the next start
+    assert c.hget(keys.attempts, upload) == b"model_unavailable"
+    assert c.xlen(keys.results) == 0 and c.xlen(keys.dead) == 0
 
 
 def test_a_replica_killer_is_poison_and_its_group_mates_are_tagged(redis_server):
