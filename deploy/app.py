@@ -49,12 +49,12 @@ def build_app(s: ServeSettings, gpus_available: bool = False):
                                           "target_ongoing_requests": s.max_batch_size}}
     model = TaggerModel.options(
         **scaling, **quiet, user_config=user_config, max_ongoing_requests=max(4 * s.max_batch_size, 64),
-        health_check_period_s=MODEL_HEALTH_CHECK_PERIOD_S,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
         ray_actor_options={"num_cpus": s.replica_cpus, "num_gpus": gpus, "runtime_env": env},
     ).bind(s.checkpoint, s.endpoint_url, s.device, max(1, int(s.replica_cpus)))  # fmt: skip
     consumer_settings = {k: v for k, v in asdict(s).items() if k not in MODEL_ONLY}
     consumer = UploadConsumer.options(
-        num_replicas=s.consumers, **quiet, graceful_shutdown_timeout_s=30, health_check_period_s=5,
+        num_replicas=s.consumers, **quiet, graceful_shutdown_timeout_s=30, health_check_period_s=HEALTH_CHECK_PERIOD_S,
         ray_actor_options={"num_cpus": 0.25, "runtime_env": env},
     ).bind(model, consumer_settings)  # fmt: skip
     # /health must answer while slow or busy clients hold their requests: the replica admits more requests
@@ -65,9 +65,10 @@ def build_app(s: ServeSettings, gpus_available: bool = False):
                              ray_actor_options={"num_cpus": 0.1, "runtime_env": env}).bind(model, consumer, asdict(s))
 
 
-# A model replica that died (an OOM kill, a crash in native code) is replaced once Serve's health check
-# finds it gone: every 2 s instead of Serve's 10, so its share of the stream waits seconds, not ten.
-MODEL_HEALTH_CHECK_PERIOD_S = 2.0
+# A model or consumer replica that died (an OOM kill, a crash in native code) is replaced once Serve's
+# health check finds it gone: every 2 s instead of Serve's 10, so its share of the stream waits seconds,
+# not ten (a consumer's check also fails when its loop stopped).
+HEALTH_CHECK_PERIOD_S = 2.0
 
 # settings only the model replicas use: the consumers get their defaults, so they stay the same
 MODEL_ONLY = {"tag_threshold", "character_threshold", "top_k", "batch_wait_timeout_s", "min_replicas",

@@ -161,9 +161,9 @@ def crashing_model():
     rest like the real one: a test double for an image that kills replicas, used with the real consumer."""
     from ray import serve
 
-    from deploy.app import MODEL_HEALTH_CHECK_PERIOD_S
+    from deploy.app import HEALTH_CHECK_PERIOD_S
 
-    @serve.deployment(max_ongoing_requests=64, health_check_period_s=MODEL_HEALTH_CHECK_PERIOD_S)
+    @serve.deployment(max_ongoing_requests=64, health_check_period_s=HEALTH_CHECK_PERIOD_S)
     class CrashOnPoison:
         def __init__(self, checkpoint: str):
             from model.tagger import Tagger
