@@ -40,32 +40,57 @@ def decode_batch(batch: dict[str, np.ndarray], characters: list[str], tags: list
                   image_size, mean, std, max_tags, TrainAugment() if augment else None)
 
 
+BLOCK_MAX_BYTES = 64 << 20  # a shard read once is cut into blocks of at most this many bytes: decoding tasks
+
+
 def _read_shard(storage: Storage, rel: str) -> pa.Table:
-    """One shard's training columns, in the shard schema's types; a shard without them is an error that
-    names it."""
+    """One shard's training columns, in the shard schema's types; a shard without them, or with a null
+    where the schema has none, is an error that names it."""
     target = pa.schema([SHARD_SCHEMA.field(name) for name in COLUMNS])
     try:
         return storage.read_parquet(rel, columns=COLUMNS).select(COLUMNS).cast(target)
-    except (KeyError, pa.ArrowException) as e:
+    except (KeyError, ValueError, TypeError, pa.ArrowException) as e:  # ArrowInvalid/TypeError among them
         raise ValueError(f"{storage.uri_of(rel)}: not a Dan:mul shard ({e})") from e
+
+
+def _put_blocks(table: pa.Table) -> list:
+    """``table`` into the object store as blocks of at most :data:`BLOCK_MAX_BYTES` (slices, no copy):
+    each block is one decoding task per pass, so a big shard still decodes on several CPUs."""
+    import ray
+
+    if not table.num_rows:
+        return []
+    pieces = max(1, -(-table.nbytes // BLOCK_MAX_BYTES))
+    rows = -(-table.num_rows // pieces)
+    return [ray.put(table.slice(start, rows)) for start in range(0, table.num_rows, rows)]
+
+
+def _is_shard(path: str) -> bool:
+    """A file Ray Data's ``read_parquet`` would read in a split folder: a ``.parquet`` name (any case), no
+    part of its path hidden or temporary (``.name``, ``_name``, as a Spark ``_temporary`` folder)."""
+    return path.lower().endswith(".parquet") and not any(part[:1] in "._" for part in path.split("/"))
 
 
 def read_split(storage: Storage, split: str):
     """The split's shard rows (image, character, tags) as a Ray dataset, and whether they were read
     once and kept. A small split (its shards' bytes on storage, not dataset.json's counts, which a foreign
-    dataset may get wrong) is read here, one block per shard, and kept in the object store: every pass
-    would otherwise list the files and start Ray Data's footer-reading actors (processes) again, which
-    on a small split costs more than the training it feeds. A larger split streams from storage."""
+    dataset may get wrong) is read here, one shard at a time per thread, each put in the object store as
+    soon as it is read (the driver holds a few shards at once, not the split), and kept there: every
+    pass would otherwise list the files and start Ray Data's footer-reading actors (processes) again,
+    which on a small split costs more than the training it feeds. A larger split streams from storage."""
     import ray.data
 
-    shards = storage.list(split, suffixes=(".parquet",))
+    shards = [f for f in storage.list(split) if _is_shard(f.path)]
     if sum(f.size for f in shards) > KEEP_READ_MAX_BYTES:
         return ray.data.read_parquet(storage.path(split), filesystem=storage.fs).select_columns(COLUMNS), False
     if not shards:
         raise FileNotFoundError(f"no shards under {storage.uri_of(split)}")
     with ThreadPoolExecutor(8) as pool:  # object storage answers each read after a round trip: several at once
-        tables = list(pool.map(lambda f: _read_shard(storage, f"{split}/{f.path}"), shards))
-    return ray.data.from_arrow([t for t in tables if t.num_rows]), True
+        blocks = pool.map(lambda f: _put_blocks(_read_shard(storage, f"{split}/{f.path}")), shards)
+        refs = [ref for shard in blocks for ref in shard]
+    if not refs:
+        raise ValueError(f"the shards under {storage.uri_of(split)} hold no rows")
+    return ray.data.from_arrow_refs(refs), True
 
 
 def model_inputs(rows, info: DatasetInfo, mcfg: ModelConfig, augment: bool, repeat: int = 1):
