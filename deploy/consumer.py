@@ -137,6 +137,7 @@ class UploadConsumer:
         self.held: dict[str, int] = {}  # entry id -> bytes, of the uploads being worked on
         self.ended_elsewhere: set[str] = set()  # held uploads a script has already ended (deleted meanwhile)
         self.stopping = asyncio.Event()
+        self.stop_deadline = float("inf")  # when the stop began, plus STOP_GRACE_S
         self.counts: dict[str, int] = {}
         self.redis_problem: str | None = None
         self._last_redis_log = 0.0
@@ -454,16 +455,20 @@ class UploadConsumer:
             done, _ = await asyncio.wait({answer, grace}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             grace.cancel()
+            if not answer.done():  # timed out, stopped, or this wait itself cancelled: the call is abandoned
+                answer.cancel()
         if answer in done:
             return answer.result()
-        answer.cancel()
         if grace in done:
             raise LeftPending("model_unavailable", f"consumer stopping: no answer {STOP_GRACE_S:.0f} s into the stop")
         raise TimeoutError
 
     async def _stop_grace(self) -> None:
+        """Returns :data:`STOP_GRACE_S` after the stop began: one deadline for every call, so calls that
+        queue one after another (the isolation lane) do not each wait their own grace, and a call that
+        starts after the deadline is left at once."""
         await self.stopping.wait()
-        await asyncio.sleep(STOP_GRACE_S)
+        await asyncio.sleep(max(0.0, self.stop_deadline - time.monotonic()))
 
     def check_health(self) -> None:
         if self.loop_task.done() and not self.stopping.is_set():
@@ -471,6 +476,7 @@ class UploadConsumer:
             raise RuntimeError(f"consumer loop stopped: {exc!r}")
 
     async def __del__(self) -> None:
+        self.stop_deadline = time.monotonic() + STOP_GRACE_S
         self.stopping.set()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(self.loop_task), timeout=25.0)
