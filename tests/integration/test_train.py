@@ -5,6 +5,7 @@ the shards. The CLI runs as a user runs it, in a subprocess (``tests/fault_train
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import json
 import os
@@ -74,11 +75,30 @@ def test_decode_batch_flags_bad_rows_without_dropping_them():
 
 def scrape(port: int) -> dict[str, float]:
     """The danmul_train_* values the rank-0 worker serves; {} while nothing answers."""
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, http.client.HTTPException):  # refused, or cut off by a worker restart
         scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in scraped.splitlines()
                 if line.startswith("danmul_train_")}
     return {}
+
+
+def interrupt_after_restart(first: subprocess.Popen, run: Storage, port: int) -> tuple[float, dict, bool]:
+    """Ctrl-C on the first run once its restarted worker group has finished an epoch (a second start of
+    epoch 2 with an end after it, and Ray's record of a checkpoint) and its gauges answered. Returns when
+    it was sent, the last gauges scraped, and whether the restart was seen."""
+    deadline, values, restarted = time.monotonic() + 600, {}, False
+    while not (restarted and values.get("danmul_train_epoch", 0) >= 1) and first.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+        values = scrape(port) or values
+        events = read_progress(run)
+        again = [i for i, e in enumerate(events) if e["event"] == "start" and e["epoch"] == 2][1:]
+        restarted = bool(again) and any(e["event"] == "end" for e in events[again[0]:]) \
+            and run.exists("checkpoint_manager_snapshot.json")
+    interrupted = time.monotonic()
+    first.send_signal(signal.SIGINT)  # Ctrl-C, to the driver alone (its own session)
+    first.wait(timeout=120)
+    return interrupted, values, restarted
 
 
 def test_from_s3_a_killed_worker_an_interrupted_driver_and_corrupt_images_then_resume_and_export(s3_bucket, tmp_path,
@@ -100,20 +120,13 @@ def test_from_s3_a_killed_worker_an_interrupted_driver_and_corrupt_images_then_r
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen([sys.executable, "-m", "tests.fault_train", "--kill-rank", "1", "--kill-epoch", "1",
                                   "--marker", str(marker), "--", *TRAIN[4:], *args, "--metrics-port", str(port)],
-                                 stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-        deadline, values = time.monotonic() + 600, {}
-        restarted = False  # a second start of epoch 2 with an end after it, and Ray's record of a checkpoint
-        while not (restarted and values.get("danmul_train_epoch", 0) >= 1) and first.poll() is None \
-                and time.monotonic() < deadline:
-            time.sleep(0.5)
-            values = scrape(port) or values
-            events = read_progress(run)
-            again = [i for i, e in enumerate(events) if e["event"] == "start" and e["epoch"] == 2][1:]
-            restarted = bool(again) and any(e["event"] == "end" for e in events[again[0]:]) \
-                and run.exists("checkpoint_manager_snapshot.json")
-        interrupted = time.monotonic()
-        first.send_signal(signal.SIGINT)  # Ctrl-C
-        first.wait(timeout=120)
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            interrupted, values, restarted = interrupt_after_restart(first, run, port)
+        finally:
+            if first.poll() is None:  # the test failed on the way: the run and what it started go too
+                os.killpg(first.pid, signal.SIGKILL)
+                first.wait()
     print(f"first run: {interrupted - started:.0f} s to the interrupt, {time.monotonic() - interrupted:.0f} s to exit")
     out_first = (tmp_path / "first.log").read_text()
     assert restarted, out_first[-3000:]
@@ -128,8 +141,11 @@ def test_from_s3_a_killed_worker_an_interrupted_driver_and_corrupt_images_then_r
     assert marker.read_text().startswith("killed rank 1 at epoch 1")
     events = read_progress(run)
     ends = [e for e in events if e["event"] == "end"]
-    assert [e["epoch"] for e in ends][:2] == [1, 2]
-    assert [e["epoch"] for e in events if e["event"] == "start"][:3] == [1, 2, 2]
+    starts = [e["epoch"] for e in events if e["event"] == "start"]
+    # one restart, no other: epochs 1, 2, then 2 again and on in order, each ended except perhaps the last
+    assert [e["epoch"] for e in ends] == list(range(1, len(ends) + 1)) and len(ends) >= 2
+    assert starts[:3] == [1, 2, 2] and starts[2:] == list(range(2, len(starts))), starts
+    assert len(starts) - 1 - len(ends) in (0, 1), (starts, ends)
     restarted_at = [e for e in events if e["event"] == "start" and e["epoch"] == 2][1]
     assert restarted_at["global_step"] == ends[0]["global_step"]
     done_before = [e["epoch"] for e in ends]
