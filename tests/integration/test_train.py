@@ -101,12 +101,16 @@ def interrupt_after_restart(first: subprocess.Popen, run: Storage, port: int) ->
     return interrupted, values, restarted
 
 
-def test_from_s3_a_killed_worker_an_interrupted_driver_and_corrupt_images_then_resume_and_export(s3_bucket, tmp_path,
-                                                                                               capsys):
+def test_from_s3_a_killed_worker_an_interrupted_driver_and_corrupt_images_then_resume_and_export(ray_cluster, s3_bucket,
+                                                                                               tmp_path, capsys):
     """One run meets what a production run meets: shards in object storage with corrupt images in them,
     a worker process that dies mid-run (Ray restarts the group from the last checkpoint), then Ctrl-C on
     the driver; the same command again resumes, finishes and exports the model that danmul eval
-    reproduces. (Each training run costs half a minute of start-up on 2 cores: one run checks it all.)"""
+    reproduces. (Each training run costs half a minute of start-up on 2 cores: one run checks it all.) Both
+    runs join the tests' Ray as drivers (``--address``, as on a cluster): what the interrupted driver started
+    dies with it, and a cluster's start is not what is under test."""
+    import ray
+
     data = Storage(f"{s3_bucket}/danmul")
     small_dataset(data.uri)
     declared = load_info(data).splits["train"]
@@ -114,7 +118,8 @@ def test_from_s3_a_killed_worker_an_interrupted_driver_and_corrupt_images_then_r
     runs = Storage(f"{s3_bucket}/runs")
     run = runs.child("s3run")
     epochs = 6  # killed in epoch 2, interrupted once epoch 2 is done again: several epochs are left to resume
-    args = ["--data", data.uri, "--out", runs.uri, "--name", "s3run", "--epochs", str(epochs), "--workers", "2"]
+    args = ["--data", data.uri, "--out", runs.uri, "--name", "s3run", "--epochs", str(epochs), "--workers", "2",
+            "--address", ray.get_runtime_context().gcs_address]
     marker, port = tmp_path / "killed", free_port()  # the first run also serves danmul_train_* (rank-0 worker)
     started = time.monotonic()
     with open(tmp_path / "first.log", "w") as log:
