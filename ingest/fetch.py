@@ -93,7 +93,26 @@ _S3_TRANSIENT = {
 
 
 class FetchRetry(RuntimeError):
-    """A failure that may pass (storage or network trouble): leave the upload for another delivery."""
+    """A failure that may pass (storage or network trouble): leave the upload for another delivery.
+    ``unreachable`` names the store when nothing answered at all (S3's endpoint refused the connection or
+    its name did not resolve, after the client's own retries): its other objects will not answer now
+    either, so a caller with many to fetch may leave them for later without waiting on each."""
+
+    def __init__(self, message: str, unreachable: str | None = None):
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+def store_of(uri: str) -> str | None:
+    """The store :attr:`FetchRetry.unreachable` names for ``uri`` (``"s3"``: one endpoint serves every
+    bucket), or None."""
+    return "s3" if is_s3(uri) else None
+
+
+def s3_unreachable(error: BaseException) -> bool:
+    """Whether an S3 read error says nothing answered at the endpoint (not a slow or refusing answer)."""
+    m = _AWS_ERROR_RE.search(" | ".join(str(e) for e in _chain(error)))
+    return m is not None and m.group("type") == "NETWORK_CONNECTION"
 
 
 def default_allowed_buckets(checkpoint_uri: str, listed: str) -> set[str] | None:
@@ -143,16 +162,21 @@ def valid_bucket_name(name: str) -> bool:
     return False
 
 
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and what caused it (StorageError wraps pyarrow's OSError), five at most."""
+    chain: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and len(chain) < 5:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
 def s3_error_reason(error: BaseException) -> str | None:
     """The permanent reason code of an S3 read error, or None when it may pass (see the module's notes)."""
-    messages = []
-    e: BaseException | None = error
-    while e is not None and len(messages) < 5:  # StorageError wraps pyarrow's OSError: read the chain
-        if isinstance(e, FileNotFoundError | IsADirectoryError | NotADirectoryError):
-            return NOT_FOUND
-        messages.append(str(e))
-        e = e.__cause__ or e.__context__
-    text = " | ".join(messages)
+    if any(isinstance(e, FileNotFoundError | IsADirectoryError | NotADirectoryError) for e in _chain(error)):
+        return NOT_FOUND
+    text = " | ".join(str(e) for e in _chain(error))
     m = _AWS_ERROR_RE.search(text)
     if m is None:
         return NOT_FOUND if "Not a regular file" in text else None  # a prefix named as a key
@@ -259,7 +283,7 @@ class ImageFetcher:
             reason = s3_error_reason(e)
             if reason is not None:
                 raise BadUpload(reason, f"{uri[:200]}: {str(e)[:300]}") from None
-            raise FetchRetry(f"{uri[:200]}: {e}") from e
+            raise FetchRetry(f"{uri[:200]}: {e}", "s3" if s3_unreachable(e) else None) from e
         except ValueError as e:  # pyarrow.ArrowInvalid: a path pyarrow cannot address
             raise BadUpload(UNSUPPORTED_URI, f"{uri[:200]}: {str(e)[:300]}") from None
 

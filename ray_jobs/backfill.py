@@ -210,7 +210,7 @@ def _decoder(checkpoint: str, endpoint_url: str | None):
 
 def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str | None) -> dict[str, Any]:
     """Fetch and preprocess every row; failures become rows with ``reason`` set and no pixels."""
-    from ingest.fetch import FetchRetry
+    from ingest.fetch import FetchRetry, store_of
     from ingest.queue import BAD_POST_ID, BadUpload
     from model.preprocess import ImageError
 
@@ -219,18 +219,24 @@ def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str
     pixels = np.zeros((n, 3, pre.image_size, pre.image_size), dtype=np.float32)
     reasons, details = [""] * n, [""] * n
     retry = np.zeros(n, dtype=bool)  # failed for a reason that may pass: not recorded, so a re-run tries again
+    down: dict[str, str] = {}  # stores that did not answer in this batch: the rest of their images wait too
     for i in range(n):
         try:
             if batch["post_id"][i] < 0:
                 raise BadUpload(BAD_POST_ID, "no numeric post id in the file name")
             image = batch["image"][i]
             if _missing(image):
-                image = fetcher.fetch(batch["image_uri"][i])
+                uri = batch["image_uri"][i]
+                if store_of(uri) in down:  # a second of client retries per image would only say it again
+                    raise FetchRetry(f"{uri[:200]}: not tried, {down[store_of(uri)]}")
+                image = fetcher.fetch(uri)
             pixels[i] = pre(bytes(image)).numpy()
         except (ImageError, BadUpload) as e:
             reasons[i], details[i] = e.reason, str(e)[:300]
         except FetchRetry as e:
             reasons[i], details[i], retry[i] = FETCH_FAILED, str(e)[:300], True
+            if e.unreachable:
+                down[e.unreachable] = f"{e.unreachable} did not answer earlier in this batch"
     tags = ["" if _missing(t) else " ".join(t) for t in batch["tags"]]  # "": image only
     return {"post_id": batch["post_id"],
             "image_uri": np.array(["" if _missing(u) else u for u in batch["image_uri"]], dtype=object),

@@ -219,3 +219,25 @@ def test_fetch_failures_that_may_pass_are_retried_by_the_next_run(local_ray, s3_
     assert sorted(results.column("post_id").to_pylist()) == sorted(local_ok + s3_ok)
     assert dict(zip(errors.column("post_id").to_pylist(), errors.column("reason").to_pylist(),
                     strict=True)) == bad | s3_missing  # fmt: skip
+
+
+def test_a_store_that_does_not_answer_is_tried_once_per_batch(s3_endpoint, tiny_rows, tiny_checkpoint, tmp_path):
+    """Each S3 read of a store that refuses connections waits out the client's retries (about a second): the
+    decode step tries the store once per batch and leaves the batch's other S3 images for the next run
+    (retry, not errors), while local images in the same batch are still read."""
+    from ray_jobs.backfill import decode_rows
+
+    hold = socket.socket()  # bound, not listening: connections are refused
+    hold.bind(("127.0.0.1", 0))
+    try:
+        local = tmp_path / "1.png"
+        local.write_bytes(tiny_rows[0]["image"])
+        uris = [f"s3://danmul-down/{i}.png" for i in range(4)] + [str(local)]
+        batch = {"post_id": np.arange(1, 6), "image": np.array([None] * 5, dtype=object),
+                 "image_uri": np.array(uris, dtype=object), "tags": np.array([None] * 5, dtype=object)}
+        out = decode_rows(batch, tiny_checkpoint, f"http://127.0.0.1:{hold.getsockname()[1]}")
+    finally:
+        hold.close()
+    assert out["retry"].tolist() == [True] * 4 + [False] and out["reason"][4] == ""
+    assert "NETWORK_CONNECTION" in out["detail"][0]
+    assert all("not tried, s3 did not answer earlier in this batch" in d for d in out["detail"][1:4])
