@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import numpy as np
@@ -43,8 +44,9 @@ def archive(s3_endpoint, tiny_rows):
         for _ in range(n):
             images[post], bad[post] = broken[reason], reason
             post += 1
-    for post_id, data in images.items():
-        s3.put_object(Bucket=bucket, Key=f"images/{post_id % 4:04d}/{post_id}.jpg", Body=data)
+    with ThreadPoolExecutor(4) as pool:  # one at a time, each PUT waited on the server thread's turn
+        list(pool.map(lambda item: s3.put_object(Bucket=bucket, Key=f"images/{item[0] % 4:04d}/{item[0]}.jpg",
+                                                 Body=item[1]), images.items()))
     return f"s3://{bucket}/images", images, bad
 
 
