@@ -100,6 +100,9 @@ def draw(char: dict, size: int, rng: random.Random) -> tuple[bytes, list[str]]:
     scale = FRAMES[frame] * size / 128 * rng.uniform(0.9, 1.1)
     cx, cy = w / 2 + rng.uniform(-12, 12) * scale, h * 0.38 + rng.uniform(-8, 8) * scale
     hair, eyes, cloth = PALETTE[char["hair"]], PALETTE[char["eyes"]], PALETTE[char["outfit_colour"]]
+    # hair behind the back first, so the body and its emblem are drawn over it
+    if char["hair_shape"] in ("long_hair", "drill_hair"):
+        d.rectangle([cx - 28 * scale, cy - 10 * scale, cx + 28 * scale, cy + 60 * scale], fill=hair)
     # body and outfit
     d.polygon([(cx - 34 * scale, cy + 95 * scale), (cx - 24 * scale, cy + 30 * scale),
                (cx + 24 * scale, cy + 30 * scale), (cx + 34 * scale, cy + 95 * scale)], fill=cloth)  # fmt: skip
@@ -108,9 +111,7 @@ def draw(char: dict, size: int, rng: random.Random) -> tuple[bytes, list[str]]:
     if char["outfit"] == "vest":
         d.rectangle([cx - 8 * scale, cy + 30 * scale, cx + 8 * scale, cy + 95 * scale], fill=(245, 245, 245))
     emblem(d, char["emblem"], cx + 12 * scale, cy + 50 * scale, 9 * scale, EMBLEM_COLOURS[char["emblem_colour"]])
-    # hair behind, face, hair in front
-    if char["hair_shape"] in ("long_hair", "drill_hair"):
-        d.rectangle([cx - 28 * scale, cy - 10 * scale, cx + 28 * scale, cy + 60 * scale], fill=hair)
+    # face, hair in front
     d.ellipse([cx - 22 * scale, cy - 24 * scale, cx + 22 * scale, cy + 26 * scale], fill=(250, 225, 205))
     shape = char["hair_shape"]
     if shape == "spiky_hair":
