@@ -37,7 +37,7 @@ from ray_jobs.model_io import model_config_for
 VARIANTS: dict[str, CurriculumConfig] = {
     "image-only": CurriculumConfig(kind="constant", max_drop=1.0, max_mask=0.0),
     "multimodal, no curriculum": CurriculumConfig(kind="none"),
-    "multimodal, curriculum": CurriculumConfig(kind="cosine", warmup=0.1, ramp=0.6, max_drop=0.75, max_mask=0.5),
+    "multimodal, curriculum": CurriculumConfig(),  # danmul train's defaults (model/defaults.py)
 }
 
 

@@ -25,6 +25,7 @@ from ingest.schema import SHARD_SCHEMA
 from ingest.shards import load_info
 from ingest.storage import Storage
 from ingest.synth import SynthConfig, synthesize
+from model.defaults import CURRICULUM_MAX_DROP
 from model.tagger import Tagger
 from ray_jobs.local_redis import free_port
 from ray_jobs.train import read_progress
@@ -167,7 +168,7 @@ def test_from_s3_a_killed_worker_an_interrupted_driver_and_corrupt_images_then_r
     assert sorted({e["epoch"] for e in ends}) == list(range(1, epochs + 1))
     assert [e["epoch"] for e in ends].count(1) == 1  # epochs finished before the interrupt were not trained again
     assert [e["bad_images"] for e in ends] == [n_bad] * len(ends)  # every epoch meets them, skips them, counts them
-    assert ends[-1]["text_drop"] == pytest.approx(0.75)  # the curriculum reached its maximum
+    assert ends[-1]["text_drop"] == pytest.approx(CURRICULUM_MAX_DROP)  # the curriculum reached its maximum
 
     model = run.child("model")
     tagger = Tagger.from_checkpoint(model)
