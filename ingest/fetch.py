@@ -104,15 +104,31 @@ class FetchRetry(RuntimeError):
 
 
 def store_of(uri: str) -> str | None:
-    """The store :attr:`FetchRetry.unreachable` names for ``uri`` (``"s3"``: one endpoint serves every
-    bucket), or None."""
-    return "s3" if is_s3(uri) else None
+    """The store :attr:`FetchRetry.unreachable` names for ``uri``: its bucket (on AWS each bucket has a
+    host name of its own), or None for anything but S3."""
+    return "s3://" + uri[len("s3://"):].partition("/")[0] if is_s3(uri) else None
+
+
+def _aws_error(error: BaseException) -> re.Match | None:
+    """The AWS error an S3 read error reports: the innermost message's last ``AWS Error TYPE`` (the
+    bucket and key come before it in the message, and a key may spell anything)."""
+    for e in reversed(_chain(error)):
+        matches = list(_AWS_ERROR_RE.finditer(str(e)))
+        if matches:
+            return matches[-1]
+    return None
+
+
+_CONNECT_FAILED_RE = re.compile(r" during \w+ operation: curlCode: (6|7)\b")  # could not resolve, could not connect
 
 
 def s3_unreachable(error: BaseException) -> bool:
-    """Whether an S3 read error says nothing answered at the endpoint (not a slow or refusing answer)."""
-    m = _AWS_ERROR_RE.search(" | ".join(str(e) for e in _chain(error)))
-    return m is not None and m.group("type") == "NETWORK_CONNECTION"
+    """Whether an S3 read error says nothing answered at all: the connection could not be made (curl's
+    6, name not resolved, or 7, refused). Not a timeout, a connection cut mid-answer or a TLS failure,
+    which S3's client also reports as NETWORK_CONNECTION but which may be one object's trouble."""
+    m = _aws_error(error)
+    return (m is not None and m.group("type") == "NETWORK_CONNECTION"
+            and _CONNECT_FAILED_RE.match(m.string, m.end()) is not None)
 
 
 def default_allowed_buckets(checkpoint_uri: str, listed: str) -> set[str] | None:
@@ -177,7 +193,7 @@ def s3_error_reason(error: BaseException) -> str | None:
     if any(isinstance(e, FileNotFoundError | IsADirectoryError | NotADirectoryError) for e in _chain(error)):
         return NOT_FOUND
     text = " | ".join(str(e) for e in _chain(error))
-    m = _AWS_ERROR_RE.search(text)
+    m = _aws_error(error)
     if m is None:
         return NOT_FOUND if "Not a regular file" in text else None  # a prefix named as a key
     kind, status = m.group("type"), int(m.group("status") or 0)  # a status is shown for UNKNOWN types only
@@ -283,7 +299,7 @@ class ImageFetcher:
             reason = s3_error_reason(e)
             if reason is not None:
                 raise BadUpload(reason, f"{uri[:200]}: {str(e)[:300]}") from None
-            raise FetchRetry(f"{uri[:200]}: {e}", "s3" if s3_unreachable(e) else None) from e
+            raise FetchRetry(f"{uri[:200]}: {e}", store_of(uri) if s3_unreachable(e) else None) from e
         except ValueError as e:  # pyarrow.ArrowInvalid: a path pyarrow cannot address
             raise BadUpload(UNSUPPORTED_URI, f"{uri[:200]}: {str(e)[:300]}") from None
 

@@ -211,7 +211,7 @@ def _decoder(checkpoint: str, endpoint_url: str | None):
 def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str | None) -> dict[str, Any]:
     """Fetch and preprocess every row; failures become rows with ``reason`` set and no pixels."""
     from ingest.fetch import FetchRetry, store_of
-    from ingest.queue import BAD_POST_ID, BadUpload
+    from ingest.queue import BAD_POST_ID, UNSUPPORTED_URI, BadUpload
     from model.preprocess import ImageError
 
     pre, fetcher = _decoder(checkpoint, endpoint_url)
@@ -227,6 +227,8 @@ def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str
             image = batch["image"][i]
             if _missing(image):
                 uri = batch["image_uri"][i]
+                if _missing(uri):
+                    raise BadUpload(UNSUPPORTED_URI, "neither image bytes nor an image_uri")
                 if store_of(uri) in down:  # a second of client retries per image would only say it again
                     raise FetchRetry(f"{uri[:200]}: not tried, {down[store_of(uri)]}")
                 image = fetcher.fetch(uri)

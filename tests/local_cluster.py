@@ -29,3 +29,28 @@ def own_ray(num_cpus: int = RAY_CPUS) -> Iterator[None]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def wait_until_gone(names: tuple[str, ...], timeout: float = 120) -> None:
+    """Wait until this process's Ray runs none of ``names`` (actor classes or task functions, as Ray titles
+    its worker processes ``ray::Name...``) and every CPU is free again: what a driver that was killed or
+    interrupted started dies some time after the driver, and until then it may still write."""
+    import time
+
+    import psutil
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                title = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            left += [title[:80]] if title.startswith("ray::") and any(n in title for n in names) else []
+        free = ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU", 0)
+        if not left and free:
+            return
+        assert time.monotonic() < deadline, f"still running after {timeout:g} s: {left or 'CPUs held'}"
+        time.sleep(0.25)

@@ -18,7 +18,7 @@ import boto3
 import numpy as np
 import pyarrow as pa
 import pytest
-from local_cluster import own_ray
+from local_cluster import own_ray, wait_until_gone
 
 from model.tagger import Tagger
 from ray_jobs.backfill import BackfillConfig, read_results, run
@@ -91,16 +91,20 @@ def test_interrupted_then_rerun_gives_every_post_once(local_ray, archive, tiny_c
     out = str(tmp_path / "out")
     args = [*BACKFILL, "--input", prefix, "--checkpoint", tiny_checkpoint, "--out", out, "--batch-size", "32",
             "--address", ray.get_runtime_context().gcs_address]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + 300
-    # kill at the first result file: a whole run of these 2,000 images writes only about four, so waiting
-    # for three let the run finish before the kill landed
-    while not (os.path.isdir(f"{out}/results") and os.listdir(f"{out}/results")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-run
-    proc.wait()
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        # kill at the first result file: a whole run of these 2,000 images writes only about four, so waiting
+        # for three let the run finish before the kill landed
+        while not (os.path.isdir(f"{out}/results") and os.listdir(f"{out}/results")):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-run
+        proc.wait()
+    wait_until_gone(("Predictor", "BlockWriter", "decode_rows", "MapBatches"))  # its actors may still write
     partial, partial_errors = read_results(out)
     assert 0 < partial.num_rows < N_GOOD
     lines: list[str] = []
@@ -242,4 +246,4 @@ def test_a_store_that_does_not_answer_is_tried_once_per_batch(s3_endpoint, tiny_
         hold.close()
     assert out["retry"].tolist() == [True] * 4 + [False] and out["reason"][4] == ""
     assert "NETWORK_CONNECTION" in out["detail"][0]
-    assert all("not tried, s3 did not answer earlier in this batch" in d for d in out["detail"][1:4])
+    assert all("not tried, s3://danmul-down did not answer earlier in this batch" in d for d in out["detail"][1:4])

@@ -26,6 +26,8 @@ from ingest.fetch import (
     address_forbidden,
     default_allowed_buckets,
     s3_error_reason,
+    s3_unreachable,
+    store_of,
 )
 from ingest.queue import BadUpload
 
@@ -186,6 +188,33 @@ def test_s3_error_messages_pyarrow_raises():
     wrapped = OSError("cannot read s3://b/a.jpg")
     wrapped.__cause__ = FileNotFoundError("[Errno 2] Path does not exist 'b/a.jpg'")
     assert s3_error_reason(wrapped) == "not_found"
+    # a key may spell anything: the error is the message's last "AWS Error", not one inside the key
+    sly = "When reading information for key 'AWS Error NO_SUCH_KEY' in bucket 'b': AWS Error {} during HeadObject"
+    assert s3_error_reason(OSError(sly.format("UNKNOWN (HTTP status 503)") + " operation: x")) is None
+
+
+def test_only_a_connection_that_could_not_be_made_says_the_store_is_unreachable():
+    """The backfill leaves the rest of a batch's S3 images for the next run when the endpoint did not answer at
+    all (curl 6: name not resolved; 7: refused); a timeout, a cut connection or a TLS failure may be one
+    object's trouble, and each such image is still tried."""
+    head = "When reading information for key '{}' in bucket 'b': AWS Error {} during HeadObject operation: curlCode: {}"
+    cases = {
+        ("a.jpg", "NETWORK_CONNECTION", "7, Could not connect to server"): True,
+        ("a.jpg", "NETWORK_CONNECTION", "6, Could not resolve hostname"): True,
+        ("a.jpg", "NETWORK_CONNECTION", "28, Timeout was reached"): False,
+        ("a.jpg", "NETWORK_CONNECTION", "56, Failure when receiving data from the peer"): False,
+        ("a.jpg", "NETWORK_CONNECTION", "35, SSL connect error"): False,
+        ("a.jpg", "UNKNOWN (HTTP status 503)", "7"): False,
+        ("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7", "ACCESS_DENIED", "x"): False,
+    }
+    for (key, kind, curl), unreachable in cases.items():
+        message = head.format(key, kind, curl)
+        assert s3_unreachable(OSError(message)) is unreachable, message
+        wrapped = OSError(f"cannot read s3://b/{key}")
+        wrapped.__cause__ = OSError(message)
+        assert s3_unreachable(wrapped) is unreachable, message
+    assert (store_of("s3://bucket-a/x/y.jpg"), store_of("/local/y.jpg"), store_of("https://h/y.jpg")) == (
+        "s3://bucket-a", None, None)
 
 
 # -- http(s): addresses ----------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pytest
+from local_cluster import wait_until_gone
 from PIL import Image
 
 from ingest.schema import SHARD_SCHEMA
@@ -158,7 +159,9 @@ def test_from_s3_a_killed_worker_an_interrupted_driver_and_corrupt_images_then_r
     print(f"interrupted after epochs {done_before} of {epochs}")
     assert done_before[-1] < epochs, "the first run was not interrupted"
 
-    # the same command again: resumes where the interrupted run's last checkpoint left off
+    # the same command again: resumes where the interrupted run's last checkpoint left off (once what the
+    # interrupted driver started is gone: until then its workers hold the CPUs and may still write)
+    wait_until_gone(("RayTrainWorker", "TrainController", "SplitCoordinator", "DatasetManager"))
     started = time.monotonic()
     proc = run_train(*args)
     print(f"second run: {time.monotonic() - started:.0f} s")
