@@ -109,10 +109,10 @@ def store_of(uri: str) -> str | None:
     return "s3://" + uri[len("s3://"):].partition("/")[0] if is_s3(uri) else None
 
 
-def _aws_error(error: BaseException) -> re.Match | None:
-    """The AWS error an S3 read error reports: the innermost message's last ``AWS Error TYPE`` (the
-    bucket and key come before it in the message, and a key may spell anything)."""
-    for e in reversed(_chain(error)):
+def _aws_error(chain: list[BaseException]) -> re.Match | None:
+    """The AWS error an S3 read error reports (its :func:`_chain`): the innermost message's last ``AWS
+    Error TYPE`` (the bucket and key come before it in the message, and a key may spell anything)."""
+    for e in reversed(chain):
         matches = list(_AWS_ERROR_RE.finditer(str(e)))
         if matches:
             return matches[-1]
@@ -126,7 +126,7 @@ def s3_unreachable(error: BaseException) -> bool:
     """Whether an S3 read error says nothing answered at all: the connection could not be made (curl's
     6, name not resolved, or 7, refused). Not a timeout, a connection cut mid-answer or a TLS failure,
     which S3's client also reports as NETWORK_CONNECTION but which may be one object's trouble."""
-    m = _aws_error(error)
+    m = _aws_error(_chain(error))
     return (m is not None and m.group("type") == "NETWORK_CONNECTION"
             and _CONNECT_FAILED_RE.match(m.string, m.end()) is not None)
 
@@ -190,10 +190,11 @@ def _chain(error: BaseException) -> list[BaseException]:
 
 def s3_error_reason(error: BaseException) -> str | None:
     """The permanent reason code of an S3 read error, or None when it may pass (see the module's notes)."""
-    if any(isinstance(e, FileNotFoundError | IsADirectoryError | NotADirectoryError) for e in _chain(error)):
+    chain = _chain(error)
+    if any(isinstance(e, FileNotFoundError | IsADirectoryError | NotADirectoryError) for e in chain):
         return NOT_FOUND
-    text = " | ".join(str(e) for e in _chain(error))
-    m = _aws_error(error)
+    text = " | ".join(str(e) for e in chain)
+    m = _aws_error(chain)
     if m is None:
         return NOT_FOUND if "Not a regular file" in text else None  # a prefix named as a key
     kind, status = m.group("type"), int(m.group("status") or 0)  # a status is shown for UNKNOWN types only

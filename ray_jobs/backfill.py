@@ -219,7 +219,7 @@ def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str
     pixels = np.zeros((n, 3, pre.image_size, pre.image_size), dtype=np.float32)
     reasons, details = [""] * n, [""] * n
     retry = np.zeros(n, dtype=bool)  # failed for a reason that may pass: not recorded, so a re-run tries again
-    down: dict[str, str] = {}  # stores that did not answer in this batch: the rest of their images wait too
+    down: set[str] = set()  # stores that did not answer in this batch: the rest of their images wait too
     for i in range(n):
         try:
             if batch["post_id"][i] < 0:
@@ -229,8 +229,9 @@ def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str
                 uri = batch["image_uri"][i]
                 if _missing(uri):
                     raise BadUpload(UNSUPPORTED_URI, "neither image bytes nor an image_uri")
-                if store_of(uri) in down:  # a second of client retries per image would only say it again
-                    raise FetchRetry(f"{uri[:200]}: not tried, {down[store_of(uri)]}")
+                store = store_of(uri)
+                if store in down:  # a second of client retries per image would only say it again
+                    raise FetchRetry(f"{uri[:200]}: not tried, {store} did not answer earlier in this batch")
                 image = fetcher.fetch(uri)
             pixels[i] = pre(bytes(image)).numpy()
         except (ImageError, BadUpload) as e:
@@ -238,7 +239,7 @@ def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str
         except FetchRetry as e:
             reasons[i], details[i], retry[i] = FETCH_FAILED, str(e)[:300], True
             if e.unreachable:
-                down[e.unreachable] = f"{e.unreachable} did not answer earlier in this batch"
+                down.add(e.unreachable)
     tags = ["" if _missing(t) else " ".join(t) for t in batch["tags"]]  # "": image only
     return {"post_id": batch["post_id"],
             "image_uri": np.array(["" if _missing(u) else u for u in batch["image_uri"]], dtype=object),

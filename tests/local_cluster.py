@@ -48,7 +48,8 @@ def wait_until_gone(names: tuple[str, ...], timeout: float = 120) -> None:
                 title = " ".join(p.cmdline())
             except psutil.Error:
                 continue
-            left += [title[:80]] if title.startswith("ray::") and any(n in title for n in names) else []
+            if title.startswith("ray::") and any(n in title for n in names):
+                left.append(title[:80])
         free = ray.available_resources().get("CPU", 0) == ray.cluster_resources().get("CPU", 0)
         if not left and free:
             return
