@@ -23,7 +23,7 @@ class ModelConfig:
     image_depth: int | None = None
     image_heads: int | None = None
     pretrained_image: str | None = None  # local path or object-storage URI of timm weights
-    # tag encoder (transformers BERT, built from a config)
+    # tag encoder (a BERT built from the config: model/bert.py)
     text_dim: int = 256
     text_depth: int = 2
     text_heads: int = 4

@@ -16,8 +16,8 @@ from __future__ import annotations
 import timm
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
 
+from model.bert import Bert, BertSettings
 from model.config import PAD_ID, ModelConfig
 
 
@@ -42,30 +42,20 @@ class ImageEncoder(nn.Module):
 
 
 class TagEncoder(nn.Module):
-    """A BERT encoder built from a config (no download) over tag tokens. Tags are a set, so every
-    token gets position 0: the encoding does not depend on the order tags were listed in."""
+    """A BERT encoder built from the config (``model.bert``, no download) over tag tokens. Tags are a set, so
+    every token gets position 0: the encoding does not depend on the order tags were listed in."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        bert_cfg = BertConfig(
-            vocab_size=cfg.text_vocab_size,
-            hidden_size=cfg.text_dim,
-            num_hidden_layers=cfg.text_depth,
-            num_attention_heads=cfg.text_heads,
-            intermediate_size=4 * cfg.text_dim,
-            max_position_embeddings=cfg.max_tags + 2,
-            type_vocab_size=1,
-            hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.dropout,
-            pad_token_id=PAD_ID,
-        )
-        self.bert = BertModel(bert_cfg, add_pooling_layer=False)
+        self.bert = Bert(BertSettings(
+            vocab_size=cfg.text_vocab_size, hidden_size=cfg.text_dim, num_layers=cfg.text_depth,
+            num_heads=cfg.text_heads, intermediate_size=4 * cfg.text_dim, max_positions=cfg.max_tags + 2,
+            pad_id=PAD_ID, dropout=cfg.dropout,
+        ))  # fmt: skip
         self.dim = cfg.text_dim
 
     def forward_features(self, tag_ids: torch.Tensor) -> torch.Tensor:
-        attention = (tag_ids != PAD_ID).long()
-        positions = torch.zeros_like(tag_ids)
-        return self.bert(input_ids=tag_ids, attention_mask=attention, position_ids=positions).last_hidden_state
+        return self.bert(tag_ids, (tag_ids != PAD_ID).long(), torch.zeros_like(tag_ids))
 
 
 class DanmulNet(nn.Module):

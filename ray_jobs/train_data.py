@@ -3,7 +3,7 @@ encoded into model inputs by Ray Data's CPU tasks (:func:`decode_batch`, on :fun
 
 Kept apart from :mod:`ray_jobs.train` so that every Ray process that only holds or runs the data
 pipeline (Ray Data's map tasks, Ray Train's split coordinator and dataset manager) imports this
-module's few dependencies (numpy, PIL, torch) and not the network's (timm, transformers): each such
+module's few dependencies (numpy, PIL, torch) and not the network's (timm, torchvision): each such
 import costs seconds of CPU in every process that does it.
 """
 
