@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import posixpath
 import sys
@@ -63,7 +64,8 @@ class BackfillConfig:
         "help": "feed the tags of a manifest (tags column) or dataset to the model; off: image only"})
     batch_size: int = field(default=64, metadata={"help": "images per model batch"})
     actors: int = field(default=0, metadata={
-        "help": "predictor actors (default: one per GPU; without GPUs one per CPU, less one for decoding)"})
+        "help": "predictor actors (default: one per GPU; without GPUs one per CPU, less one for decoding; never "
+                "more than the input has batches)"})
     decode_cpus: float = field(default=0.5, metadata={
         "help": "CPUs per decode task (not the predictors' share, so decoding runs in tasks of its own)"})
     buffer_mb: int = field(default=512, metadata={
@@ -385,6 +387,8 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
         object_store_memory=cfg.buffer_mb * 2**20)
     ds, kind = read_input(cfg)
     total = ds.count()  # Parquet metadata for manifests and datasets; the kept listing for a prefix
+    # no more predictors than batches: each loads the model (seconds of CPU) before its first image
+    actors = min(actors, max(1, math.ceil(min(total, cfg.limit or total) / cfg.batch_size)))
     done = done_post_ids(out)
     if len(done):
         log(f"resuming: {len(done):,} posts already in {out.uri} are skipped")

@@ -140,10 +140,12 @@ def test_manifest_tags_reach_the_model(local_ray, tiny_rows, tiny_checkpoint, tm
     }), manifest)  # fmt: skip
     outs = {}
     for use_tags in (True, False):
-        out = str(tmp_path / f"out-{use_tags}")
-        run(BackfillConfig(input=str(manifest), checkpoint=tiny_checkpoint, out=out, use_tags=use_tags, progress=False),
-            log=lambda s: None)
+        out, lines = str(tmp_path / f"out-{use_tags}"), []
+        run(BackfillConfig(input=str(manifest), checkpoint=tiny_checkpoint, out=out, use_tags=use_tags, progress=False,
+                           batch_size=128, actors=2), log=lines.append)  # fmt: skip
         outs[use_tags] = {r["post_id"]: r for r in read_results(out)[0].to_pylist()}
+        # 80 images are one batch: one predictor loads the model, not the 2 asked for
+        assert "with 1 predictor(s) on CPU, batch 128" in lines[0], lines
     tagger = Tagger.from_checkpoint(tiny_checkpoint)
     with_tags = tagger.predict([r["image"] for r in sample], tags=[r["tags"] for r in sample])
     image_only = tagger.predict([r["image"] for r in sample])
