@@ -199,7 +199,9 @@ def test_redis_restart_mid_stream(ray_cluster, tiny_checkpoint, tiny_rows, redis
         time.sleep(3)
         redis_server.start()
 
-    with running(settings(tiny_checkpoint, redis_server.url, consumers=1, max_in_flight=16)):
+    # uploads whose result could not be written while Redis was down stay pending until reclaimed: after
+    # claim_idle_s (3 s here, as in the test above; the default 60 s would only make this test wait)
+    with running(settings(tiny_checkpoint, redis_server.url, consumers=1, max_in_flight=16, claim_idle_s=3)):
         disrupt_mid_stream(redis.Redis(port=redis_server.port), tiny_rows, 300, 50, restart)
 
 
