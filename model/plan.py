@@ -12,7 +12,7 @@ batches per worker. No imports beyond the standard library: the command line rea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MIN_STEPS = {"tiny": 2000, "base": 5000}  # floor of a default plan, per model preset
 MIN_BATCHES_PER_WORKER = 8  # below this many batches per worker and epoch, the batch shrinks
@@ -35,18 +35,26 @@ class TrainingPlan:
         return self.batch_size * self.workers
 
     drop_last: bool = False  # a last partial batch is dropped (the single-process loop) or is a step
+    # epochs read as one pass (a Ray Train run over a small split repeats it, so each report covers enough
+    # images): batches run on across the epochs of a pass, and only a pass's last batch may be partial
+    epochs_per_pass: int = 1
 
     @property
-    def steps_per_epoch(self) -> int:
-        """Steps in one pass over the train split: each worker's equal share in batches (every worker
-        steps together), the last partial batch counted unless dropped."""
-        share = self.images // self.workers
+    def steps_per_pass(self) -> int:
+        """Steps in one pass of :attr:`epochs_per_pass` epochs: each worker's equal share in batches (every
+        worker steps together), the last partial batch counted unless dropped."""
+        share = self.images // self.workers * self.epochs_per_pass
         return max(1, share // self.batch_size if self.drop_last else -(-share // self.batch_size))
 
     @property
+    def steps_per_epoch(self) -> int:
+        """Steps in one epoch read on its own."""
+        return replace(self, epochs_per_pass=1).steps_per_pass
+
+    @property
     def epochs(self) -> int:
-        """Passes over the train split needed for :attr:`steps` (the last may stop early)."""
-        return max(1, math.ceil(self.steps / self.steps_per_epoch))
+        """Epochs needed for :attr:`steps`, whole passes of them (the last may stop early)."""
+        return max(1, math.ceil(self.steps / self.steps_per_pass)) * self.epochs_per_pass
 
     def describe(self, phases: dict[str, int] | None = None) -> str:
         """The line printed when training starts."""
@@ -55,8 +63,9 @@ class TrainingPlan:
             batch += f" (from {self.requested_batch_size}: the train split holds few batches per worker)"
         why = {"default": f"the larger of {DEFAULT_EPOCHS} epochs and the preset's floor", "epochs": "--epochs",
                "steps": "--steps"}[self.how]  # fmt: skip
-        line = (f"plan: {self.images:,} images, {batch}, {self.steps:,} steps = {self.epochs:,} epochs "
-                f"({self.steps_per_epoch:,} steps each; {why})")
+        each = (f"{self.steps_per_pass:,} steps each" if self.epochs_per_pass == 1
+                else f"{self.steps_per_pass:,} steps per {self.epochs_per_pass} epochs")
+        line = f"plan: {self.images:,} images, {batch}, {self.steps:,} steps = {self.epochs:,} epochs ({each}; {why})"
         if phases:
             line += "; " + ", ".join(f"{name} at step {step:,}" for name, step in phases.items())
         return line

@@ -308,10 +308,11 @@ def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
         f"{len(info.tags)} tags) on {workers} worker(s) x {gpus or 0:g} GPU, run {run_dir.uri}")
     train_rows, kept = read_split(data, "train")
     plan = cfg.plan(train_images(train_rows, kept, info.splits["train"], log), workers)
+    group = report_group(plan, cfg.epochs is not None)
+    plan = dataclasses.replace(plan, epochs_per_pass=group)  # the epochs the run will count
     curriculum = cfg.curriculum_config()
     for line in plan.lines(phase_steps(curriculum, plan.steps)):
         log(line)
-    group = report_group(plan, cfg.epochs is not None)
 
     trainer = TorchTrainer(
         train_loop_per_worker,

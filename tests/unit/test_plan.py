@@ -3,6 +3,8 @@ plan line and its warning, the curriculum phases over steps, and the report grou
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from model.curriculum import CurriculumConfig, phase_steps, schedule
@@ -17,9 +19,13 @@ def test_a_small_dataset_gets_the_preset_floor_and_a_smaller_batch():
     assert plan.steps == MIN_STEPS["tiny"] == 2000
     assert plan.steps_per_epoch == 9  # each worker's 215 images in batches of 26, the last partial
     assert plan.epochs == 223  # 2000 / 9, rounded up
+    grouped = replace(plan, epochs_per_pass=report_group(plan, epochs_given=False))  # as a Ray Train run reads it
+    assert grouped.epochs_per_pass == 5 and grouped.steps_per_pass == 42  # 5 x 215 / 26 = 41.3, rounded up
+    assert grouped.epochs == 48 * 5  # 2000 / 42 = 47.6 passes: 48
     assert plan.warning() is None
     line = plan.describe({"text dropping from": 200})
-    for part in ("430 images", "batch 26 x 2 workers (from 64", "2,000 steps = 223 epochs",
+    assert "(42 steps per 5 epochs;" in grouped.describe() and "= 240 epochs" in grouped.describe()
+    for part in ("430 images", "batch 26 x 2 workers (from 64", "2,000 steps = 223 epochs (9 steps each",
                  "text dropping from at step 200"):
         assert part in line
 
@@ -180,3 +186,19 @@ def test_a_pass_stops_at_the_budget_or_when_the_workers_do_not_all_have_a_batch(
     done = training.train_pass(net, optimizer, batches, 0, 100, optim, CurriculumConfig(),
                                agree=lambda has: next(votes))
     assert done.step == 2 and len(done.losses) == 2 and len(list(batches)) == 2  # the rest is left to the caller
+
+
+@pytest.mark.parametrize("images,workers,batch", [(430, 2, 64), (424, 2, 64), (240, 2, 32), (5_000, 2, 64),
+                                                  (97, 1, 64), (1_280_000, 8, 64)])  # fmt: skip
+def test_the_epochs_a_run_counts_are_the_plans(images, workers, batch):
+    """The Ray Train loop counts ``group`` epochs per pass over a dataset that repeats the split ``group``
+    times, each worker stepping through its share in batches (the last partial one a step too), until the
+    budget is spent: its last progress line's epoch is the plan's (it once printed "epoch 240/223")."""
+    plan = make_plan(images, batch, workers)
+    group = report_group(plan, epochs_given=False)
+    plan = replace(plan, epochs_per_pass=group)
+    per_pass = -(-(group * (images // workers)) // plan.batch_size)
+    step = epoch = 0
+    while step < plan.steps:
+        step, epoch = step + per_pass, epoch + group
+    assert epoch == plan.epochs and plan.steps_per_pass == per_pass
