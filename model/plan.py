@@ -43,7 +43,7 @@ class TrainingPlan:
     def steps_per_pass(self) -> int:
         """Steps in one pass of :attr:`epochs_per_pass` epochs: each worker's equal share in batches (every
         worker steps together), the last partial batch counted unless dropped."""
-        share = self.images // self.workers * self.epochs_per_pass
+        share = self.images * self.epochs_per_pass // self.workers  # Ray splits the pass's rows, not each epoch's
         return max(1, share // self.batch_size if self.drop_last else -(-share // self.batch_size))
 
     @property

@@ -189,15 +189,17 @@ def test_a_pass_stops_at_the_budget_or_when_the_workers_do_not_all_have_a_batch(
 
 
 @pytest.mark.parametrize("images,workers,batch", [(430, 2, 64), (424, 2, 64), (240, 2, 32), (5_000, 2, 64),
-                                                  (97, 1, 64), (1_280_000, 8, 64)])  # fmt: skip
+                                                  (97, 1, 64), (107, 2, 64), (1_001, 3, 32), (613, 4, 16),
+                                                  (1_280_000, 8, 64)])  # fmt: skip
 def test_the_epochs_a_run_counts_are_the_plans(images, workers, batch):
     """The Ray Train loop counts ``group`` epochs per pass over a dataset that repeats the split ``group``
-    times, each worker stepping through its share in batches (the last partial one a step too), until the
+    times and split equally among the workers (Ray Data's ``equal`` split of the pass's rows, a remainder
+    dropped), each worker stepping through its share in batches (the last partial one a step too), until the
     budget is spent: its last progress line's epoch is the plan's (it once printed "epoch 240/223")."""
     plan = make_plan(images, batch, workers)
     group = report_group(plan, epochs_given=False)
     plan = replace(plan, epochs_per_pass=group)
-    per_pass = -(-(group * (images // workers)) // plan.batch_size)
+    per_pass = -(-(group * images // workers) // plan.batch_size)
     step = epoch = 0
     while step < plan.steps:
         step, epoch = step + per_pass, epoch + group
