@@ -373,6 +373,10 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
     from ray_jobs.config import dump
     from ray_jobs.local_ray import ensure_ray
 
+    for name in ("batch_size", "actors", "limit"):
+        if getattr(cfg, name) < (1 if name == "batch_size" else 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {1 if name == 'batch_size' else 0}, "
+                             f"not {getattr(cfg, name)}")
     out = Storage(cfg.out, cfg.endpoint_url)
     # A local Ray without GPUs: one single-threaded predictor per core (per core-second that is more
     # images than one predictor with every core: a tiny model's ops are too small to split well) plus a
