@@ -364,6 +364,18 @@ class BackfillResult:
     retry: int = 0  # fetches that failed for reasons that may pass: in neither results nor errors, left for a re-run
 
 
+def cpu_shortfall(actors: int, cpus_per_actor: float, decode_cpus: float, cluster_cpus: float) -> str | None:
+    """Why the job would wait for a bigger cluster, or None: predictors that hold every CPU leave none for
+    the decode tasks, and Ray Data waits (for an autoscaler to add nodes, or forever) with nothing to show."""
+    needed = actors * cpus_per_actor + decode_cpus
+    if needed <= cluster_cpus:
+        return None
+    return (f"warning: {actors} predictor(s) of {cpus_per_actor:g} CPU and decode tasks of {decode_cpus:g} CPU need "
+            f"{needed:g} CPUs; the cluster has {cluster_cpus:g}: the job waits until it grows. Give fewer --actors "
+            f"(at most {max(0, math.floor((cluster_cpus - decode_cpus) / cpus_per_actor)) if cpus_per_actor else 0}) "
+            "or a smaller --decode-cpus")
+
+
 def run(cfg: BackfillConfig, log=print) -> BackfillResult:
     import ray
     import ray.data
@@ -393,6 +405,9 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
     total = ds.count()  # Parquet metadata for manifests and datasets; the kept listing for a prefix
     # no more predictors than batches: each loads the model (seconds of CPU) before its first image
     actors = min(actors, max(1, math.ceil(min(total, cfg.limit or total) / cfg.batch_size)))
+    warning = cpu_shortfall(actors, 0 if gpus else 1, cfg.decode_cpus, ray.cluster_resources().get("CPU", 0))
+    if warning:
+        log(warning)
     done = done_post_ids(out)
     if len(done):
         log(f"resuming: {len(done):,} posts already in {out.uri} are skipped")
