@@ -80,6 +80,13 @@ class BackfillConfig:
     metrics_port: int = field(default=0, metadata={"help": "serve danmul_backfill_* metrics here (0: off)"})
     progress: bool = field(default=True, metadata={"help": "a progress bar with images/s and ETA on stderr"})
 
+    def __post_init__(self) -> None:
+        """Refuse sizes that could only fail later (a batch of none divides by zero), naming the flag (a
+        ValueError the CLI prints), as ``ServeSettings`` does for the streaming tagger's."""
+        for name, low in {"batch_size": 1, "actors": 0, "limit": 0}.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(self, name)}")
+
 
 # -- input ---------------------------------------------------------------------------------------------------
 def detect_kind(storage) -> str:
@@ -385,17 +392,14 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
     from ray_jobs.config import dump
     from ray_jobs.local_ray import ensure_ray
 
-    for name in ("batch_size", "actors", "limit"):
-        if getattr(cfg, name) < (1 if name == "batch_size" else 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {1 if name == 'batch_size' else 0}, "
-                             f"not {getattr(cfg, name)}")
     out = Storage(cfg.out, cfg.endpoint_url)
     # A local Ray without GPUs: one single-threaded predictor per core (per core-second that is more
     # images than one predictor with every core: a tiny model's ops are too small to split well) plus a
     # logical CPU for the decode tasks; the OS shares the cores among them.
     ensure_ray(cfg.address, (cfg.actors or os.cpu_count() or 1) + 1)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = cfg.actors or (gpus if gpus else max(1, int(ray.cluster_resources().get("CPU", 2)) - 1))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    actors = cfg.actors or (gpus if gpus else max(1, int(resources.get("CPU", 2)) - 1))
     # Bound what waits between the stages (decoded images are the bulk: 3 x S x S floats each): Ray Data
     # stops feeding a stage whose outputs would pass this, so memory stays flat however big the archive.
     ctx = ray.data.DataContext.get_current()
@@ -405,7 +409,7 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
     total = ds.count()  # Parquet metadata for manifests and datasets; the kept listing for a prefix
     # no more predictors than batches: each loads the model (seconds of CPU) before its first image
     actors = min(actors, max(1, math.ceil(min(total, cfg.limit or total) / cfg.batch_size)))
-    warning = cpu_shortfall(actors, 0 if gpus else 1, cfg.decode_cpus, ray.cluster_resources().get("CPU", 0))
+    warning = cpu_shortfall(actors, 0 if gpus else 1, cfg.decode_cpus, resources.get("CPU", 0))
     if warning:
         log(warning)
     done = done_post_ids(out)

@@ -13,9 +13,9 @@ from ray_jobs.backfill import BackfillConfig, cpu_shortfall, run
                                                  ("actors", -1, "--actors must be at least 0, not -1"),
                                                  ("limit", -5, "--limit must be at least 0")])  # fmt: skip
 def test_impossible_sizes_are_refused_by_name(tmp_path, field, value, message):
-    cfg = BackfillConfig(input=str(tmp_path), checkpoint=str(tmp_path), out=str(tmp_path / "out"), **{field: value})
     with pytest.raises(ValueError, match=message):
-        run(cfg, log=lambda line: None)
+        run(BackfillConfig(input=str(tmp_path), checkpoint=str(tmp_path), out=str(tmp_path / "out"), **{field: value}),
+            log=lambda line: None)
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
