@@ -519,6 +519,19 @@ def shard_paths(data: Storage, split: str) -> list[str]:
     return info.shards.get(split) or _list_shards(data, split)
 
 
+def head_values(data: Storage, split: str, column: str, n: int) -> list:
+    """The first ``n`` values of one column of a split (fewer when it holds fewer), read a row group at a
+    time from its first shards: a sample that costs a row group or so, whatever the split's size."""
+    out: list = []
+    for rel in shard_paths(data, split):
+        pf = data.parquet_file(rel)
+        for i in range(pf.num_row_groups):
+            out += pf.read_row_group(i, columns=[column]).column(0).slice(0, n - len(out)).to_pylist()
+            if len(out) >= n:
+                return out
+    return out
+
+
 def iter_examples(data: Storage, split: str, columns: list[str] | None = None) -> Iterator[dict]:
     """Rows of one split as dicts, one row group at a time (bounded memory)."""
     for rel in shard_paths(data, split):

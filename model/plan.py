@@ -19,6 +19,10 @@ MIN_BATCHES_PER_WORKER = 8  # below this many batches per worker and epoch, the 
 MIN_BATCH = 8
 SHORT_PLAN_STEPS = 300  # fewer steps than this learn little from scratch: the plan line warns
 DEFAULT_EPOCHS = 10
+# The input size a preset grows to, unless --image-size fixes it: the train images' typical long side, from the
+# preset's own size up to this. A small emblem that tells look-alikes apart spans 2 or 3 pixels at 64 px and
+# a whole 8 px patch at 96; 96 px is 144 patches of 8, about twice the compute of 64 px. base stays at its 224.
+MAX_IMAGE_SIZE = {"tiny": 96, "base": 224}
 
 
 @dataclass(frozen=True)
@@ -115,3 +119,28 @@ def make_plan(images: int, batch_size: int, workers: int = 1, epochs: int | None
         floor = MIN_STEPS.get(preset, MIN_STEPS["tiny"]) if min_steps is None else min_steps
         total, how = max(DEFAULT_EPOCHS * plan.steps_per_epoch, floor), "default"
     return TrainingPlan(images, workers, batch, batch_size, total, how, drop_last)
+
+
+@dataclass(frozen=True)
+class InputSize:
+    size: int  # the model's input side, px
+    why: str  # for the start of a run: what chose it
+
+
+def choose_image_size(preset: str, preset_size: int, patch: int, long_sides: list[int]) -> InputSize:
+    """The input size for a run that did not fix one: the median long side of a sample of the train images
+    (``long_sides``; their detail is what a larger input can use), rounded down to whole ``patch``es and
+    kept between the preset's own size and :data:`MAX_IMAGE_SIZE`. With no sample (no image readable),
+    the preset's size."""
+    if not long_sides:
+        return InputSize(preset_size, f"the {preset} preset's size: no train image's size could be read")
+    median = sorted(long_sides)[len(long_sides) // 2]
+    top = max(preset_size, MAX_IMAGE_SIZE.get(preset, preset_size))
+    size = min(top, max(preset_size, median // patch * patch))
+    if size == preset_size and median <= preset_size:
+        why = f"the {preset} preset's size; the train images' median long side is {median} px"
+    elif size == top:
+        why = f"the train images' median long side is {median} px; {top} px at most for the {preset} preset"
+    else:
+        why = f"the train images' median long side, {median} px, in whole patches of {patch} px"
+    return InputSize(size, why)

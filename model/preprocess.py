@@ -292,6 +292,29 @@ def _decode(data: bytes, size: int | None, max_pixels: int) -> Image.Image:
     return out.transpose(_ORIENT[orientation]) if orientation in _ORIENT else out
 
 
+def long_side(data: bytes, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_IMAGE_BYTES) -> int:
+    """The long side, px, of what :func:`decode` would return (the aspect rule applied), read from the
+    header alone: nothing is decoded. Refuses what :func:`decode` refuses before decoding (empty, too
+    large, a declared bomb, too small, not an accepted format) with the same :class:`ImageError`."""
+    if not data:
+        raise ImageError("empty")
+    if len(data) > max_bytes:
+        raise ImageError("too_large", f"{len(data)} bytes > {max_bytes}")
+
+    def read() -> int:
+        declared = _webp_size(data)  # PIL would allocate a WebP's canvas on open: read its header ourselves
+        if declared is None:
+            declared = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS).size
+        w, h = declared
+        _check_pixels(w, h, 0, len(data), max_pixels)
+        if min(w, h) < MIN_SIDE:
+            raise ImageError("too_small", f"{w}x{h}: short side < {MIN_SIDE}")
+        x0, y0, x1, y1 = aspect_box(w, h)  # a turn by EXIF orientation swaps the sides, not the long one
+        return max(x1 - x0, y1 - y0)
+
+    return _guarded(read)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB; transparent pixels become white (Danbooru's transparent PNGs are drawn
     for a white page). An RGB image without transparency is returned as is."""

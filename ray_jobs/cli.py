@@ -286,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of training (default: 0)")
     p.add_argument("--characters", type=int, default=24, help="synthetic characters (default: 24)")
     p.add_argument("--images", type=int, default=2400, help="synthetic images (default: 2400)")
-    p.add_argument("--image-size", type=int, default=64, help="image side and model input, px (default: 64)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="synthetic images' side and the model's input, px (default: synthetic images of 64 px, the "
+                        "input chosen from the train images as danmul train does)")
     p.add_argument("--out", default=None, help="where to save the three checkpoints (default: not saved)")
     p.add_argument("--workers", type=int, default=0,
                    help="train each model with danmul train on this many Ray workers (default: 0, one process)")

@@ -3,11 +3,18 @@ storage. ``model/`` itself only takes bytes or a reader."""
 
 from __future__ import annotations
 
+import pyarrow as pa
+
 from ingest.schema import DatasetInfo
+from ingest.shards import head_values
 from ingest.storage import Storage
 from model.checkpoint import Checkpoint, load
-from model.config import ModelConfig, preset
+from model.config import PRESETS, ModelConfig, preset
 from model.network import DanmulNet, load_pretrained_image_weights, read_image_weights
+from model.plan import InputSize, choose_image_size
+from model.preprocess import ImageError, long_side
+
+SIZE_SAMPLE = 256  # train images whose headers choose the input size
 
 
 def model_config_for(info: DatasetInfo, preset_name: str = "tiny", image_size: int | None = None,
@@ -20,6 +27,30 @@ def model_config_for(info: DatasetInfo, preset_name: str = "tiny", image_size: i
     if pretrained_image:
         overrides["pretrained_image"] = pretrained_image
     return preset(preset_name, **overrides)
+
+
+def input_size_for(data: Storage, preset_name: str = "tiny", pretrained_image: str | None = None) -> InputSize:
+    """The input size of a run that did not fix one (``model.plan.choose_image_size``), from the headers of
+    the first :data:`SIZE_SAMPLE` train images (nothing is decoded; unreadable ones are left out). Pretrained
+    image weights keep the preset's size: their position embeddings are made for it."""
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; choose from {sorted(PRESETS)}")
+    own = PRESETS[preset_name]
+    # patch None: the timm model's own, 16 for the ViT the base preset names (its size is fixed anyway)
+    size, patch = own.get("image_size", ModelConfig.image_size), own.get("patch_size") or 16
+    if pretrained_image:
+        return InputSize(size, f"the {preset_name} preset's size, which the pretrained image weights are made for")
+    try:
+        sample = head_values(data, "train", "image", SIZE_SAMPLE)
+    except (OSError, ValueError, KeyError, pa.ArrowException):  # reading the split says what is wrong with it
+        sample = []
+    sides = []
+    for data_bytes in sample:
+        try:
+            sides.append(long_side(data_bytes or b""))
+        except ImageError:
+            continue
+    return choose_image_size(preset_name, size, patch, sides)
 
 
 def build_net(cfg: ModelConfig, endpoint_url: str | None = None) -> DanmulNet:

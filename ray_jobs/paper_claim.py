@@ -32,7 +32,7 @@ from model.plan import TrainingPlan, make_plan
 from model.preprocess import TrainAugment
 from model.vocab import TagVocab
 from ray_jobs.local_data import Split, batches, load_split
-from ray_jobs.model_io import model_config_for
+from ray_jobs.model_io import input_size_for, model_config_for
 
 VARIANTS: dict[str, CurriculumConfig] = {
     "image-only": CurriculumConfig(kind="constant", max_drop=1.0, max_mask=0.0),
@@ -83,20 +83,22 @@ def fit(net: DanmulNet, train: Split, vocab: TagVocab, fit_cfg: FitConfig, curri
 
 
 def run(data: str | None, epochs: int | None = None, seed: int = 0, out: str | None = None, characters: int = 24,
-        images: int = 2400, image_size: int = 64, workers: int = 0, steps: int | None = None,
+        images: int = 2400, image_size: int | None = None, workers: int = 0, steps: int | None = None,
         log: Callable[[str], None] = print) -> dict[str, dict]:
     """Generate (unless ``data`` is given) a synthetic dataset, train the three variants with the same
     step budget (``model.plan``: ``steps``, else ``epochs``, else the default), evaluate, and print the
     table and the paper's ordering checks. With ``workers`` > 0 each variant trains through ``danmul
     train`` (Ray Train, that many workers) instead of in this process. Returns ``{variant:
-    {"image_only": metrics, "image_tags": metrics}}``."""
+    {"image_only": metrics, "image_tags": metrics}}``. ``image_size`` is the synthetic images' side and the
+    model's input; unset, the images are 64 px and the input is chosen from them as danmul train does."""
     tmp = None
     if data is None:
         from ray_jobs.samples import synthetic_dataset
 
         tmp = tempfile.mkdtemp(prefix="danmul-paper-")
-        log(f"generating synthetic Dan:mul: {characters} characters, {images} images, {image_size}px, seed {seed}")
-        data = synthetic_dataset(os.path.join(tmp, "data"), characters, images, image_size, seed=seed)
+        side = image_size or SYNTHETIC_SIZE
+        log(f"generating synthetic Dan:mul: {characters} characters, {images} images, {side}px, seed {seed}")
+        data = synthetic_dataset(os.path.join(tmp, "data"), characters, images, side, seed=seed)
     if workers > 0:
         results = _run_distributed(data, epochs, steps, seed, out or os.path.join(tmp or tempfile.mkdtemp(), "runs"),
                                    image_size, workers, log)
@@ -107,13 +109,18 @@ def run(data: str | None, epochs: int | None = None, seed: int = 0, out: str | N
     return results
 
 
-def _run_local(data: str, epochs: int | None, steps: int | None, seed: int, out: str | None, image_size: int,
-               log: Callable[[str], None]) -> dict[str, dict]:
+def _run_local(data: str, epochs: int | None, steps: int | None, seed: int, out: str | None,
+               image_size: int | None, log: Callable[[str], None]) -> dict[str, dict]:
     storage = Storage(data)
     info = load_info(storage)
     train, val, test = (load_split(storage, split, info) for split in ("train", "val", "test"))
     vocab = TagVocab(info.tags)
+    why = "--image-size"
+    if image_size is None:
+        chosen = input_size_for(storage)
+        image_size, why = chosen.size, chosen.why
     cfg = model_config_for(info, image_size=image_size)
+    log(f"model input {image_size}px ({why})")
     fit_cfg = FitConfig(epochs=epochs, steps=steps, seed=seed)
     plan = fit_cfg.plan(len(train.images))
     for line in plan.lines():
@@ -136,7 +143,7 @@ def _run_local(data: str, epochs: int | None, steps: int | None, seed: int, out:
     return results
 
 
-def _run_distributed(data: str, epochs: int | None, steps: int | None, seed: int, out: str, image_size: int,
+def _run_distributed(data: str, epochs: int | None, steps: int | None, seed: int, out: str, image_size: int | None,
                      workers: int, log: Callable[[str], None]) -> dict[str, dict]:
     from ray_jobs.train import TrainConfig
     from ray_jobs.train import run as train_run
@@ -155,6 +162,7 @@ def _run_distributed(data: str, epochs: int | None, steps: int | None, seed: int
     return results
 
 
+SYNTHETIC_SIZE = 64  # side of the synthetic images when no dataset is given
 TARGET_PRECISION = 0.9  # danmul train's default --target-precision
 CURRICULUM_CLOSE = 0.02  # curriculum image-only top-1 within this of the image-only model's
 NO_CURRICULUM_GAP = 0.10  # no-curriculum image-only top-1 at least this far below the image-only model's

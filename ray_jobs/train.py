@@ -292,21 +292,28 @@ def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
     from ray.train.v2.api.config import LoggingConfig
 
     from ray_jobs.config import dump
+    from ray_jobs.model_io import input_size_for
 
     data = Storage(cfg.data, cfg.endpoint_url)
     info = load_info(data)
-    mcfg = cfg.model_config(info)
     out = Storage(cfg.out, cfg.endpoint_url)
     run_dir = out.child(cfg.name)
-    run_dir.write_text("danmul-train.yaml", dump(cfg))
 
     _ensure_ray(cfg, cfg.workers or 2)
     gpus_available = int(ray.cluster_resources().get("GPU", 0))
     gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1 if gpus_available else 0)
     workers = cfg.workers or (max(1, int(gpus_available // gpus)) if gpus else 2)
+    train_rows, kept = read_split(data, "train")
+    chosen = None
+    if cfg.image_size is None:  # chosen from the images, and written into the run's settings with the rest
+        chosen = input_size_for(data, cfg.preset, cfg.pretrained_image)
+        cfg = dataclasses.replace(cfg, image_size=chosen.size)
+    mcfg = cfg.model_config(info)
+    run_dir.write_text("danmul-train.yaml", dump(cfg))
     log(f"training {cfg.preset} ({mcfg.image_model} at {mcfg.image_size}px, {info.num_characters} characters, "
         f"{len(info.tags)} tags) on {workers} worker(s) x {gpus or 0:g} GPU, run {run_dir.uri}")
-    train_rows, kept = read_split(data, "train")
+    if chosen:
+        log(f"input size {chosen.size}px: {chosen.why} (--image-size sets it)")
     plan = cfg.plan(train_images(train_rows, kept, info.splits["train"], log), workers)
     group = report_group(plan, cfg.epochs is not None)
     plan = dataclasses.replace(plan, epochs_per_pass=group)  # the epochs the run will count

@@ -21,7 +21,9 @@ class TrainConfig:
     out: str = field(metadata={"help": "where runs live (local folder or s3://...); the run is OUT/NAME"})
     name: str = field(default="danmul", metadata={"help": "run name; the same OUT and NAME resume a run"})
     preset: str = field(default="tiny", metadata={"help": "model preset: tiny or base"})
-    image_size: int | None = field(default=None, metadata={"help": "model input size (default: the preset's)"})
+    image_size: int | None = field(default=None, metadata={
+        "help": "model input size, px (default: the train images' median long side, from the preset's size to its "
+                "largest: 64-96 for tiny, 224 for base)"})
     pretrained_image: str | None = field(default=None, metadata={"help": "safetensors ViT weights, path or s3://"})
     epochs: int | None = field(default=None, metadata={
         "help": "passes over the train split (default: from the step budget; see --steps)"})

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from model.curriculum import CurriculumConfig, phase_steps, schedule
-from model.plan import DEFAULT_EPOCHS, MIN_STEPS, SHORT_PLAN_STEPS, make_plan
+from model.plan import DEFAULT_EPOCHS, MAX_IMAGE_SIZE, MIN_STEPS, SHORT_PLAN_STEPS, choose_image_size, make_plan
 from ray_jobs.train import REPORT_MIN_IMAGES, report_group
 from ray_jobs.train_config import TrainConfig
 
@@ -204,3 +204,50 @@ def test_the_epochs_a_run_counts_are_the_plans(images, workers, batch):
     while step < plan.steps:
         step, epoch = step + per_pass, epoch + group
     assert epoch == plan.epochs and plan.steps_per_pass == per_pass
+
+
+# -- the input size, chosen from the train images ---------------------------------------------------------
+
+
+def test_the_input_size_follows_the_images_between_the_presets_size_and_its_largest():
+    assert choose_image_size("tiny", 64, 8, [128, 150, 179, 128, 140]).size == MAX_IMAGE_SIZE["tiny"] == 96
+    assert choose_image_size("tiny", 64, 8, [64] * 10).size == 64  # the demo's synthetic images
+    assert choose_image_size("tiny", 64, 8, [32, 32, 40]).size == 64  # never below the preset's own size
+    assert choose_image_size("tiny", 64, 8, [85, 87, 90]).size == 80  # whole patches of 8
+    assert choose_image_size("base", 224, 16, [512] * 3).size == 224  # base stays at the paper's size
+    chosen = choose_image_size("tiny", 64, 8, [])
+    assert chosen.size == 64 and "could be read" in chosen.why
+    why = choose_image_size("tiny", 64, 8, [140, 150, 512]).why
+    assert "150 px" in why and "96 px at most" in why  # the median, and the cap that applies
+
+
+def test_a_run_without_image_size_reads_it_from_the_train_images_headers(tmp_path):
+    from lookalike import generate
+
+    from ingest.storage import Storage
+    from ray_jobs.model_io import input_size_for
+
+    big = Storage(generate(str(tmp_path / "big"), characters=3, images=40, size=128, seed=1))
+    small = Storage(generate(str(tmp_path / "small"), characters=3, images=40, size=48, seed=1))
+    assert input_size_for(big).size == 96 and "median long side" in input_size_for(big).why
+    assert input_size_for(small).size == 64
+    pretrained = input_size_for(big, pretrained_image="/weights/vit.safetensors")
+    assert pretrained.size == 64 and "pretrained" in pretrained.why  # the weights' position embeddings fix it
+    assert input_size_for(big, "base").size == 224
+
+
+def test_unreadable_train_images_leave_the_presets_size(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ingest.schema import SHARD_SCHEMA
+    from ingest.storage import Storage
+    from ray_jobs.model_io import input_size_for
+
+    (tmp_path / "train").mkdir()
+    rows = [{"post_id": i, "image": b"not an image" if i % 2 else b"", "character": "a", "tags": [],
+             "copyright": [], "rating": "g"} for i in range(20)]
+    pq.write_table(pa.Table.from_pylist(rows, SHARD_SCHEMA), tmp_path / "train" / "part-00000.parquet")
+    (tmp_path / "dataset.json").write_text('{"characters": ["a"], "tags": [], "num_images": 20}')
+    chosen = input_size_for(Storage(str(tmp_path)))
+    assert chosen.size == 64 and "could be read" in chosen.why

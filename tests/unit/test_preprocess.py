@@ -29,6 +29,7 @@ from model.preprocess import (
     TrainAugment,
     aspect_box,
     decode,
+    long_side,
     pad_to_square,
     pixel_budget,
     to_tensor,
@@ -181,6 +182,18 @@ def test_corpus_item_gives_a_tensor_or_its_reason(name):
     data, expected = CORPUS[name]
     assert outcome(PRE, data) == expected  # inference
     assert outcome(decode, data) == expected  # training decodes at full size: the same verdict
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_long_side_from_the_header_agrees_with_decode(name):
+    side_agrees_with_decode(CORPUS[name][0])
+
+
+def test_long_side_never_decodes(monkeypatch):
+    wide, tall = encode(Image.new("RGB", (300, 120)), "JPEG"), encode(Image.new("RGB", (40, 1000)), "PNG")
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("long_side decoded pixels"))
+    assert long_side(wide) == 300
+    assert long_side(tall) == int(MAX_ASPECT * 40)  # the aspect rule's window
 
 
 def test_tall_strip_is_cropped_from_the_top():
@@ -396,7 +409,22 @@ MAGIC = [
 
 def tensor_or_reason(data: bytes) -> None:
     outcome(PRE, data)
-    outcome(decode, data)
+    side_agrees_with_decode(data)
+
+
+def side_agrees_with_decode(data: bytes) -> None:
+    """``long_side`` reads the header alone: what it refuses, decode refuses too (a damaged file may be refused
+    for another reason once its body is read); what decodes has the long side it said."""
+    try:
+        side = long_side(data)
+    except ImageError as e:
+        assert e.reason in REASONS, e
+        with pytest.raises(ImageError):
+            decode(data)
+        return
+    assert isinstance(side, int) and side >= P.MIN_SIDE
+    if outcome(decode, data) == "ok":
+        assert max(decode(data).size) == side
 
 
 @PROPERTY
