@@ -283,6 +283,18 @@ def _ensure_ray(cfg: TrainConfig, workers: int) -> None:
     ensure_ray(cfg.address, workers * cfg.cpus_per_worker + cfg.data_cpus, dashboard=True)
 
 
+def with_input_size(cfg: TrainConfig, data: Storage) -> tuple[TrainConfig, str | None]:
+    """``cfg`` with its input size set: as given, or chosen from the train images
+    (``ray_jobs.model_io.input_size_for``), with the line that says what chose it."""
+    if cfg.image_size is not None:
+        return cfg, None
+    from ray_jobs.model_io import input_size_for
+
+    chosen = input_size_for(data, cfg.preset, cfg.pretrained_image)
+    line = f"input size {chosen.size}px: {chosen.why} (--image-size sets it)"
+    return dataclasses.replace(cfg, image_size=chosen.size), line
+
+
 def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
     """Train (or resume), export the best checkpoint, evaluate it; returns the test metrics."""
     import ray
@@ -292,7 +304,6 @@ def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
     from ray.train.v2.api.config import LoggingConfig
 
     from ray_jobs.config import dump
-    from ray_jobs.model_io import input_size_for
 
     data = Storage(cfg.data, cfg.endpoint_url)
     info = load_info(data)
@@ -304,16 +315,13 @@ def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
     gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1 if gpus_available else 0)
     workers = cfg.workers or (max(1, int(gpus_available // gpus)) if gpus else 2)
     train_rows, kept = read_split(data, "train")
-    chosen = None
-    if cfg.image_size is None:  # chosen from the images, and written into the run's settings with the rest
-        chosen = input_size_for(data, cfg.preset, cfg.pretrained_image)
-        cfg = dataclasses.replace(cfg, image_size=chosen.size)
+    cfg, size_line = with_input_size(cfg, data)  # before the run's settings are written: they record it
     mcfg = cfg.model_config(info)
     run_dir.write_text("danmul-train.yaml", dump(cfg))
     log(f"training {cfg.preset} ({mcfg.image_model} at {mcfg.image_size}px, {info.num_characters} characters, "
         f"{len(info.tags)} tags) on {workers} worker(s) x {gpus or 0:g} GPU, run {run_dir.uri}")
-    if chosen:
-        log(f"input size {chosen.size}px: {chosen.why} (--image-size sets it)")
+    if size_line:
+        log(size_line)
     plan = cfg.plan(train_images(train_rows, kept, info.splits["train"], log), workers)
     group = report_group(plan, cfg.epochs is not None)
     plan = dataclasses.replace(plan, epochs_per_pass=group)  # the epochs the run will count
@@ -384,7 +392,7 @@ def export_and_evaluate(best, dest: Storage, data: Storage, info: DatasetInfo, c
     log(format_eval(test, f"test split, model {ckpt.version}"))
     log(f"answered and precision: at the abstention thresholds calibrated on val for precision {cfg.target_precision} "
         "(image-only, and with tags for uploads that come with tags)")
-    verdict = weak_model_advice(test, cfg.target_precision)
+    verdict = weak_model_advice(test, cfg.target_precision, mcfg.image_size)
     if verdict:
         log(verdict)
     log(f"exported to {dest.uri}")
@@ -394,16 +402,19 @@ def export_and_evaluate(best, dest: Storage, data: Storage, info: DatasetInfo, c
 MIN_COVERAGE = 0.5  # below this share answered image-only, the end of training says the model is weak
 
 
-def weak_model_advice(test: dict[str, dict[str, float]], target_precision: float) -> str | None:
+def weak_model_advice(test: dict[str, dict[str, float]], target_precision: float,
+                      image_size: int | None = None) -> str | None:
     """What to change when the calibrated model would answer too few image-only uploads, or None."""
     coverage = test["image_only"].get("coverage")
     if coverage is None or coverage >= MIN_COVERAGE:
         return None
+    larger = (f"a larger input when the details that tell characters apart are small (--image-size, {image_size} "
+              "px now), " if image_size else "")
     return (f"warning: at precision {target_precision} the model answers only {coverage:.0%} of image-only test "
             f"images (with tags {test['image_tags'].get('coverage', float('nan')):.0%}): the streaming tagger will "
             "abstain on most uploads that come without tags. Train longer (--steps, or leave --epochs unset for "
-            "the default budget), add images (at least 10 per character, more for look-alikes), start from "
-            "pretrained image weights (--pretrained-image), or accept more mistakes (--target-precision 0.8).")
+            f"the default budget), add images (at least 10 per character, more for look-alikes), {larger}start "
+            "from pretrained image weights (--pretrained-image), or accept more mistakes (--target-precision 0.8).")
 
 
 def _json(obj: Any) -> bytes:

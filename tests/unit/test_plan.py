@@ -125,6 +125,7 @@ def test_training_warns_when_the_model_would_abstain_on_most_uploads():
 
     advice = weak_model_advice(test_metrics(0.05), 0.9)
     assert "answers only 5% of image-only" in advice and "--steps" in advice and "--target-precision" in advice
+    assert "--image-size, 64 px now" in weak_model_advice(test_metrics(0.05), 0.9, image_size=64)
     assert weak_model_advice(test_metrics(0.7), 0.9) is None
     table = format_eval(test_metrics(0.05), "test")
     assert "| answered | precision |" in table and "| 0.050 | 0.900 |" in table
@@ -234,6 +235,19 @@ def test_a_run_without_image_size_reads_it_from_the_train_images_headers(tmp_pat
     pretrained = input_size_for(big, pretrained_image="/weights/vit.safetensors")
     assert pretrained.size == 64 and "pretrained" in pretrained.why  # the weights' position embeddings fix it
     assert input_size_for(big, "base").size == 224
+
+
+def test_danmul_train_records_the_chosen_size_and_keeps_a_given_one(tmp_path):
+    from lookalike import generate
+
+    from ingest.storage import Storage
+    from ray_jobs.train import with_input_size
+
+    data = generate(str(tmp_path / "d"), characters=3, images=40, size=128, seed=1)
+    cfg, line = with_input_size(TrainConfig(data=data, out=str(tmp_path / "o")), Storage(data))
+    assert cfg.image_size == 96 and line.startswith("input size 96px: ") and "--image-size" in line
+    given = TrainConfig(data=data, out=str(tmp_path / "o"), image_size=48)
+    assert with_input_size(given, Storage(data)) == (given, None)
 
 
 def test_unreadable_train_images_leave_the_presets_size(tmp_path):
