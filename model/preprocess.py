@@ -256,17 +256,30 @@ def _check_pixels(w: int, h: int, decoded: int, n_bytes: int, max_pixels: int) -
         raise ImageError("decompression_bomb", f"{w}x{h}: {decoded} pixels from {n_bytes} bytes > {budget}")
 
 
-def _decode(data: bytes, size: int | None, max_pixels: int) -> Image.Image:
-    if declared := _webp_size(data):
-        _check_pixels(*declared, WEBP_PIXEL_COST * declared[0] * declared[1], len(data), max_pixels)
+def _window(w: int, h: int, orientation: int) -> tuple[int, int, int, int]:
+    """The aspect rule's window of a stored ``w x h`` image shown turned by ``orientation``, in stored
+    coordinates; a short side under ``MIN_SIDE`` is refused."""
+    shown = (h, w) if orientation >= 5 else (w, h)
+    if min(w, h) < MIN_SIDE:
+        raise ImageError("too_small", f"{shown[0]}x{shown[1]}: short side < {MIN_SIDE}")
+    return _stored_box(aspect_box(*shown), orientation, w, h)
+
+
+def _check_webp(declared: tuple[int, int], n_bytes: int, max_pixels: int) -> None:
+    _check_pixels(*declared, WEBP_PIXEL_COST * declared[0] * declared[1], n_bytes, max_pixels)
+
+
+def _open_checked(data: bytes, max_pixels: int) -> tuple[Image.Image, int, tuple[int, int, int, int], bool]:
+    """Open ``data`` (its header only) and refuse what decoding it would cost too much of: returns the
+    image, its EXIF orientation, the window to decode in stored coordinates, and whether that window
+    is a PNG's top rows (decoding can stop at its bottom)."""
+    if declared := _webp_size(data):  # libwebp allocates the canvas on open: its header is checked first
+        _check_webp(declared, len(data), max_pixels)
     img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     w, h = img.size  # from the header: nothing decoded yet
     _check_pixels(w, h, 0, len(data), max_pixels)
     orientation = _orientation(img)
-    shown = (h, w) if orientation >= 5 else (w, h)
-    if min(w, h) < MIN_SIDE:
-        raise ImageError("too_small", f"{shown[0]}x{shown[1]}: short side < {MIN_SIDE}")
-    box = _stored_box(aspect_box(*shown), orientation, w, h)
+    box = _window(w, h, orientation)
 
     # A PNG is decoded top to bottom: when the window is the top of the image, stop at its bottom row.
     top_rows = (
@@ -276,6 +289,12 @@ def _decode(data: bytes, size: int | None, max_pixels: int) -> Image.Image:
     )  # fmt: skip
     cost = WEBP_PIXEL_COST if img.format == "WEBP" else 1
     _check_pixels(w, h, cost * w * (box[3] if top_rows else h), len(data), max_pixels)
+    return img, orientation, box, top_rows
+
+
+def _decode(data: bytes, size: int | None, max_pixels: int) -> Image.Image:
+    img, orientation, box, top_rows = _open_checked(data, max_pixels)
+    w, h = img.size
     if top_rows:
         name, _, offset, args = img.tile[0]
         img._size = (w, box[3])  # private, but the zip decoder stops when this smaller image is full
@@ -294,23 +313,22 @@ def _decode(data: bytes, size: int | None, max_pixels: int) -> Image.Image:
 
 def long_side(data: bytes, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_IMAGE_BYTES) -> int:
     """The long side, px, of what :func:`decode` would return (the aspect rule applied), read from the
-    header alone: nothing is decoded. Refuses what :func:`decode` refuses before decoding (empty, too
-    large, a declared bomb, too small, not an accepted format) with the same :class:`ImageError`."""
-    if not data:
-        raise ImageError("empty")
-    if len(data) > max_bytes:
-        raise ImageError("too_large", f"{len(data)} bytes > {max_bytes}")
+    header alone: nothing is decoded. Refuses, with the same :class:`ImageError`, all that
+    :func:`decode` refuses before decoding: empty, too large, too small, not an accepted format, more
+    pixels than the budget allows for the file's size. What only decoding finds (a broken body under a
+    good header) it does not see."""
 
     def read() -> int:
-        declared = _webp_size(data)  # PIL would allocate a WebP's canvas on open: read its header ourselves
-        if declared is None:
-            declared = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS).size
-        w, h = declared
-        _check_pixels(w, h, 0, len(data), max_pixels)
-        if min(w, h) < MIN_SIDE:
-            raise ImageError("too_small", f"{w}x{h}: short side < {MIN_SIDE}")
-        x0, y0, x1, y1 = aspect_box(w, h)  # a turn by EXIF orientation swaps the sides, not the long one
-        return max(x1 - x0, y1 - y0)
+        if not data:
+            raise ImageError("empty")
+        if len(data) > max_bytes:
+            raise ImageError("too_large", f"{len(data)} bytes > {max_bytes}")
+        if declared := _webp_size(data):  # not opened: PIL would allocate a WebP's canvas
+            _check_webp(declared, len(data), max_pixels)
+            box = _window(*declared, 1)  # a turn by EXIF orientation swaps the sides, not the long one
+        else:
+            _, _, box, _ = _open_checked(data, max_pixels)
+        return max(box[2] - box[0], box[3] - box[1])
 
     return _guarded(read)
 
