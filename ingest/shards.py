@@ -519,17 +519,29 @@ def shard_paths(data: Storage, split: str) -> list[str]:
     return info.shards.get(split) or _list_shards(data, split)
 
 
-def head_values(data: Storage, split: str, column: str, n: int) -> list:
-    """The first ``n`` values of one column of a split (fewer when it holds fewer), read a row group at a
-    time from its first shards: a sample that costs a row group or so, whatever the split's size."""
-    out: list = []
-    for rel in shard_paths(data, split):
-        pf = data.parquet_file(rel)
-        for i in range(pf.num_row_groups):
-            out += pf.read_row_group(i, columns=[column]).column(0).slice(0, n - len(out)).to_pylist()
-            if len(out) >= n:
-                return out
-    return out
+SAMPLE_CHUNK_BYTES = 64 << 20  # a row group whose sampled column is larger is not read for a sample
+
+
+def sample_column(data: Storage, rels: list[str], column: str, n: int,
+                  max_chunk_bytes: int = SAMPLE_CHUNK_BYTES) -> Iterator:
+    """The first ``n`` values of one column of the shards ``rels`` (fewer when they hold fewer), a row
+    group at a time: a sample that costs one row group's column or so, whatever the split's size. A row
+    group whose column is over ``max_chunk_bytes`` uncompressed (a foreign tool's one-group shard of
+    large images) is passed over, unread."""
+    left = n
+    for rel in rels:
+        with data.parquet_file(rel) as pf:
+            for i in range(pf.num_row_groups):
+                group = pf.metadata.row_group(i)
+                size = sum(group.column(j).total_uncompressed_size for j in range(group.num_columns)
+                           if group.column(j).path_in_schema == column)  # fmt: skip
+                if size > max_chunk_bytes:
+                    continue
+                values = pf.read_row_group(i, columns=[column]).column(0).slice(0, left).to_pylist()
+                left -= len(values)
+                yield from values
+                if left <= 0:
+                    return
 
 
 def iter_examples(data: Storage, split: str, columns: list[str] | None = None) -> Iterator[dict]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pyarrow as pa
 
 from ingest.schema import DatasetInfo
-from ingest.shards import head_values
+from ingest.shards import sample_column
 from ingest.storage import Storage
 from model.checkpoint import Checkpoint, load
 from model.config import PRESETS, ModelConfig, preset
 from model.network import DanmulNet, load_pretrained_image_weights, read_image_weights
-from model.plan import InputSize, choose_image_size
+from model.plan import MAX_IMAGE_SIZE, InputSize, choose_image_size
 from model.preprocess import ImageError, long_side
 
 SIZE_SAMPLE = 256  # train images whose headers choose the input size
@@ -31,8 +31,11 @@ def model_config_for(info: DatasetInfo, preset_name: str = "tiny", image_size: i
 
 def input_size_for(data: Storage, preset_name: str = "tiny", pretrained_image: str | None = None) -> InputSize:
     """The input size of a run that did not fix one (``model.plan.choose_image_size``), from the headers of
-    the first :data:`SIZE_SAMPLE` train images (nothing is decoded; unreadable ones are left out). Pretrained
-    image weights keep the preset's size: their position embeddings are made for it."""
+    the first :data:`SIZE_SAMPLE` train images in the shards training reads (nothing is decoded;
+    unreadable ones are left out). Pretrained image weights keep the preset's size: their position
+    embeddings are made for it."""
+    from ray_jobs.train_data import split_shards
+
     if preset_name not in PRESETS:
         raise ValueError(f"unknown preset {preset_name!r}; choose from {sorted(PRESETS)}")
     own = PRESETS[preset_name]
@@ -40,16 +43,18 @@ def input_size_for(data: Storage, preset_name: str = "tiny", pretrained_image: s
     size, patch = own.get("image_size", ModelConfig.image_size), own.get("patch_size") or 16
     if pretrained_image:
         return InputSize(size, f"the {preset_name} preset's size, which the pretrained image weights are made for")
+    if MAX_IMAGE_SIZE.get(preset_name, size) <= size:
+        return InputSize(size, f"the {preset_name} preset's size")
+    sides: list[int] = []
     try:
-        sample = head_values(data, "train", "image", SIZE_SAMPLE)
+        shards = [f"train/{f.path}" for f in split_shards(data, "train")]
+        for image in sample_column(data, shards, "image", SIZE_SAMPLE):
+            try:
+                sides.append(long_side(image))  # any value: what is not an image is an ImageError
+            except ImageError:
+                continue
     except (OSError, ValueError, KeyError, pa.ArrowException):  # reading the split says what is wrong with it
-        sample = []
-    sides = []
-    for data_bytes in sample:
-        try:
-            sides.append(long_side(data_bytes or b""))
-        except ImageError:
-            continue
+        pass
     return choose_image_size(preset_name, size, patch, sides)
 
 

@@ -283,9 +283,40 @@ def _ensure_ray(cfg: TrainConfig, workers: int) -> None:
     ensure_ray(cfg.address, workers * cfg.cpus_per_worker + cfg.data_cpus, dashboard=True)
 
 
-def with_input_size(cfg: TrainConfig, data: Storage) -> tuple[TrainConfig, str | None]:
-    """``cfg`` with its input size set: as given, or chosen from the train images
-    (``ray_jobs.model_io.input_size_for``), with the line that says what chose it."""
+SETTINGS = "danmul-train.yaml"  # in the run's folder: the settings it runs with, the input size chosen
+
+
+def recorded_image_size(run_dir: Storage) -> int | None:
+    """The input size a run already trained at (an epoch ended, so a checkpoint may be resumed), from its
+    settings file; None when it has nothing to resume."""
+    import yaml
+
+    if not any(e["event"] == "end" for e in read_progress(run_dir)) or not run_dir.exists(SETTINGS):
+        return None
+    try:
+        recorded = yaml.safe_load(run_dir.read_text(SETTINGS))
+        size, preset_name = recorded.get("image_size"), recorded.get("preset", "tiny")
+        if size is None:  # before the size was chosen, a run trained at its preset's
+            from model.config import PRESETS, ModelConfig
+
+            size = PRESETS[preset_name].get("image_size", ModelConfig.image_size)
+        return int(size)
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"cannot read {run_dir.uri_of(SETTINGS)} to resume the run: {e}") from None
+
+
+def with_input_size(cfg: TrainConfig, data: Storage, run_dir: Storage | None = None) -> tuple[TrainConfig, str | None]:
+    """``cfg`` with its input size set, and the line that says what chose it (None when given): the size
+    of the run being resumed in ``run_dir``, else as given, else chosen from the train images
+    (``ray_jobs.model_io.input_size_for``). A given size other than the resumed run's is an error: its
+    checkpoint's position embeddings are made for its own."""
+    resumed = recorded_image_size(run_dir) if run_dir is not None else None
+    if resumed is not None:
+        if cfg.image_size not in (None, resumed):
+            raise ValueError(f"run {run_dir.uri} trained at {resumed} px: resume it with --image-size {resumed} "
+                             "(or none), or train a new run with another --name")
+        line = None if cfg.image_size else f"input size {resumed}px: the size of the run being resumed"
+        return dataclasses.replace(cfg, image_size=resumed), line
     if cfg.image_size is not None:
         return cfg, None
     from ray_jobs.model_io import input_size_for
@@ -315,9 +346,9 @@ def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
     gpus = cfg.gpus_per_worker if cfg.gpus_per_worker >= 0 else (1 if gpus_available else 0)
     workers = cfg.workers or (max(1, int(gpus_available // gpus)) if gpus else 2)
     train_rows, kept = read_split(data, "train")
-    cfg, size_line = with_input_size(cfg, data)  # before the run's settings are written: they record it
+    cfg, size_line = with_input_size(cfg, data, run_dir)  # before the run's settings are written: they record it
     mcfg = cfg.model_config(info)
-    run_dir.write_text("danmul-train.yaml", dump(cfg))
+    run_dir.write_text(SETTINGS, dump(cfg))
     log(f"training {cfg.preset} ({mcfg.image_model} at {mcfg.image_size}px, {info.num_characters} characters, "
         f"{len(info.tags)} tags) on {workers} worker(s) x {gpus or 0:g} GPU, run {run_dir.uri}")
     if size_line:
@@ -392,7 +423,7 @@ def export_and_evaluate(best, dest: Storage, data: Storage, info: DatasetInfo, c
     log(format_eval(test, f"test split, model {ckpt.version}"))
     log(f"answered and precision: at the abstention thresholds calibrated on val for precision {cfg.target_precision} "
         "(image-only, and with tags for uploads that come with tags)")
-    verdict = weak_model_advice(test, cfg.target_precision, mcfg.image_size)
+    verdict = weak_model_advice(test, cfg.target_precision, None if cfg.pretrained_image else mcfg.image_size)
     if verdict:
         log(verdict)
     log(f"exported to {dest.uri}")

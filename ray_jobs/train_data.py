@@ -71,6 +71,11 @@ def _is_shard(path: str) -> bool:
     return path.lower().endswith(".parquet") and not any(part[:1] in "._" for part in path.split("/"))
 
 
+def split_shards(storage: Storage, split: str) -> list:
+    """The shard files of a split folder, as training reads them (``_is_shard``), in listing order."""
+    return [f for f in storage.list(split) if _is_shard(f.path)]
+
+
 def read_split(storage: Storage, split: str):
     """The split's shard rows (image, character, tags) as a Ray dataset, and whether they were read
     once and kept. A small split (its shards' bytes on storage, not dataset.json's counts, which a foreign
@@ -80,7 +85,7 @@ def read_split(storage: Storage, split: str):
     which on a small split costs more than the training it feeds. A larger split streams from storage."""
     import ray.data
 
-    shards = [f for f in storage.list(split) if _is_shard(f.path)]
+    shards = split_shards(storage, split)
     if sum(f.size for f in shards) > KEEP_READ_MAX_BYTES:
         return ray.data.read_parquet(storage.path(split), filesystem=storage.fs).select_columns(COLUMNS), False
     if not shards:

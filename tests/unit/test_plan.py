@@ -237,31 +237,84 @@ def test_a_run_without_image_size_reads_it_from_the_train_images_headers(tmp_pat
     assert input_size_for(big, "base").size == 224
 
 
-def test_danmul_train_records_the_chosen_size_and_keeps_a_given_one(tmp_path):
+def test_danmul_train_chooses_the_size_keeps_a_given_one_and_a_resumed_runs(tmp_path):
     from lookalike import generate
 
     from ingest.storage import Storage
-    from ray_jobs.train import with_input_size
+    from ray_jobs.config import dump
+    from ray_jobs.train import SETTINGS, _log_progress, with_input_size
 
     data = generate(str(tmp_path / "d"), characters=3, images=40, size=128, seed=1)
-    cfg, line = with_input_size(TrainConfig(data=data, out=str(tmp_path / "o")), Storage(data))
+    run_dir = Storage(str(tmp_path / "o" / "run"))
+    fresh = TrainConfig(data=data, out=str(tmp_path / "o"))
+    cfg, line = with_input_size(fresh, Storage(data), run_dir)
     assert cfg.image_size == 96 and line.startswith("input size 96px: ") and "--image-size" in line
-    given = TrainConfig(data=data, out=str(tmp_path / "o"), image_size=48)
-    assert with_input_size(given, Storage(data)) == (given, None)
+    given = replace(fresh, image_size=48)
+    assert with_input_size(given, Storage(data), run_dir) == (given, None)
+
+    # a run that trained an epoch at 64 px (its settings from before the size was chosen: null) resumes at 64
+    run_dir.write_text(SETTINGS, dump(replace(fresh, image_size=None)))
+    assert with_input_size(fresh, Storage(data), run_dir)[0].image_size == 96  # no epoch ended: nothing to resume
+    _log_progress(run_dir, {"event": "end", "epoch": 1})
+    cfg, line = with_input_size(fresh, Storage(data), run_dir)
+    assert cfg.image_size == 64 and "resumed" in line
+    assert with_input_size(replace(fresh, image_size=64), Storage(data), run_dir)[0].image_size == 64
+    with pytest.raises(ValueError, match="trained at 64 px: resume it with --image-size 64"):
+        with_input_size(replace(fresh, image_size=96), Storage(data), run_dir)
+    run_dir.write_text(SETTINGS, "image_size: [")
+    with pytest.raises(ValueError, match=r"cannot read .*danmul-train\.yaml"):
+        with_input_size(fresh, Storage(data), run_dir)
 
 
-def test_unreadable_train_images_leave_the_presets_size(tmp_path):
+def _shard(path, images: list) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from ingest.schema import SHARD_SCHEMA
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"post_id": i, "image": image, "character": "a", "tags": [], "copyright": [], "rating": "g"}
+            for i, image in enumerate(images)]
+    pq.write_table(pa.Table.from_pylist(rows, SHARD_SCHEMA), path)
+
+
+def test_unreadable_train_images_are_left_out_of_the_sample(tmp_path):
+    import io
+
+    from PIL import Image
+
     from ingest.storage import Storage
     from ray_jobs.model_io import input_size_for
 
-    (tmp_path / "train").mkdir()
-    rows = [{"post_id": i, "image": b"not an image" if i % 2 else b"", "character": "a", "tags": [],
-             "copyright": [], "rating": "g"} for i in range(20)]
-    pq.write_table(pa.Table.from_pylist(rows, SHARD_SCHEMA), tmp_path / "train" / "part-00000.parquet")
-    (tmp_path / "dataset.json").write_text('{"characters": ["a"], "tags": [], "num_images": 20}')
-    chosen = input_size_for(Storage(str(tmp_path)))
+    png = io.BytesIO()
+    Image.new("RGB", (128, 128)).save(png, "PNG")
+    junk = [b"not an image", b"", b"\x89PNG\r\n\x1a\n" + bytes(30)]
+    # another tool's shard names, a broken dataset.json: the shards are those training reads
+    _shard(tmp_path / "junk" / "train" / "train-00000.parquet", junk * 7)
+    (tmp_path / "junk" / "dataset.json").write_text("{")
+    chosen = input_size_for(Storage(str(tmp_path / "junk")))
     assert chosen.size == 64 and "could be read" in chosen.why
+    _shard(tmp_path / "one" / "train" / "train-00000.parquet", junk * 7 + [png.getvalue()])
+    assert input_size_for(Storage(str(tmp_path / "one"))).size == 96  # the one image readable decides
+
+
+def test_the_size_sample_reads_no_oversized_row_group(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from ingest.shards import sample_column
+    from ingest.storage import Storage
+    from ray_jobs.train_data import split_shards
+
+    data = Storage(generate_lookalike(tmp_path, size=128))
+    shards = [f"train/{f.path}" for f in split_shards(data, "train")]
+    assert len(list(sample_column(data, shards, "image", 10))) == 10
+    read = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, *a, **k: read.append(a) or real(self, *a, **k))
+    assert list(sample_column(data, shards, "image", 10, max_chunk_bytes=1024)) == [] and not read
+
+
+def generate_lookalike(tmp_path, size: int) -> str:
+    from lookalike import generate
+
+    return generate(str(tmp_path / "d"), characters=3, images=40, size=size, seed=1)
