@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from model.curriculum import CurriculumConfig
     from model.train import OptimConfig
 
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024  # a given --image-size, px: 2 patches a side to 4,096 ViT-B tokens
+
 
 @dataclass
 class TrainConfig:
@@ -57,6 +59,10 @@ class TrainConfig:
     endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (else AWS_ENDPOINT_URL)"})
     metrics_port: int = field(default=0, metadata={
         "help": "serve danmul_train_* metrics from the rank-0 worker on this port (0: off)"})
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(f"--image-size must be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} px, not {self.image_size}")
 
     def plan(self, images: int, workers: int):
         """The step budget for ``images`` train images on ``workers`` workers (``model.plan``)."""

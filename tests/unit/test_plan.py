@@ -251,6 +251,9 @@ def test_danmul_train_chooses_the_size_keeps_a_given_one_and_a_resumed_runs(tmp_
     assert cfg.image_size == 96 and line.startswith("input size 96px: ") and "--image-size" in line
     given = replace(fresh, image_size=48)
     assert with_input_size(given, Storage(data), run_dir) == (given, None)
+    for wrong in (0, -64, 15, 1025):
+        with pytest.raises(ValueError, match="--image-size must be 16 to 1024 px"):
+            replace(fresh, image_size=wrong)
 
     # a run that trained an epoch at 64 px (its settings from before the size was chosen: null) resumes at 64
     run_dir.write_text(SETTINGS, dump(replace(fresh, image_size=None)))
