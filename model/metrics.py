@@ -90,3 +90,8 @@ def answered_at_thresholds(probs: np.ndarray, labels: np.ndarray, thresholds: np
     coverage = float(answered.mean())
     precision = float((pred[answered] == labels[answered]).mean()) if answered.any() else float("nan")
     return coverage, precision
+
+
+def figure(x: float) -> str:
+    """A metric for a table: three decimals, ``-`` where it is undefined (nan: the precision of no answers)."""
+    return "-" if x != x else f"{x:.3f}"

@@ -27,6 +27,7 @@ from ingest.shards import load_info
 from ingest.storage import Storage
 from model import train as training
 from model.curriculum import CurriculumConfig
+from model.metrics import figure
 from model.network import DanmulNet
 from model.plan import TrainingPlan, make_plan
 from model.preprocess import TrainAugment
@@ -196,8 +197,8 @@ def format_table(results: dict[str, dict], n_test: int) -> str:
     ]
     for name, r in results.items():
         io, it = r["image_only"], r["image_tags"]
-        cells = (f" {io['coverage']:.3f} ({io['precision']:.3f}) | {it['coverage']:.3f} ({it['precision']:.3f}) |"
-                 if answered else "")
+        cells = (f" {figure(io['coverage'])} ({figure(io['precision'])}) | {figure(it['coverage'])} "
+                 f"({figure(it['precision'])}) |" if answered else "")
         lines.append(f"| {name} | {io['top1']:.3f} | {io['top5']:.3f} | {it['top1']:.3f} | {it['top5']:.3f} "
                      f"| {io['tag_map']:.3f} |{cells}")
     lines[0] = "| " + lines[0] + " |"

@@ -460,13 +460,15 @@ def _labels_json(labels: Labels) -> bytes:
 
 def format_eval(metrics: dict[str, dict[str, float]], title: str) -> str:
     """The evaluation table; answered (coverage) and precision columns when thresholds were applied."""
+    from model.metrics import figure
+
     answered = "coverage" in metrics["image_only"]
     extra = " answered | precision |" if answered else ""
     rows = [f"| {title} | top-1 | top-5 | tag mAP | tag F1 (P=R) |{extra} images |",
             "|---|---|---|---|---|" + ("---|---|" if answered else "") + "---|"]
     for mode, label in (("image_only", "image only"), ("image_tags", "image + tags")):
         m = metrics[mode]
-        cells = f" {m['coverage']:.3f} | {m['precision']:.3f} |" if answered else ""
+        cells = f" {figure(m['coverage'])} | {figure(m['precision'])} |" if answered else ""
         rows.append(f"| {label} | {m['top1']:.3f} | {m['top5']:.3f} | {m['tag_map']:.3f} | {m['tag_f1']:.3f} |"
                     f"{cells} {m['images']} |")
     return "\n".join(rows)

@@ -129,6 +129,9 @@ def test_training_warns_when_the_model_would_abstain_on_most_uploads():
     assert weak_model_advice(test_metrics(0.7), 0.9) is None
     table = format_eval(test_metrics(0.05), "test")
     assert "| answered | precision |" in table and "| 0.050 | 0.900 |" in table
+    nothing = test_metrics(0.0)
+    nothing["image_only"]["precision"] = float("nan")  # no answer: no precision
+    assert "| 0.000 | - |" in format_eval(nothing, "test")
 
 
 def test_the_paper_ordering_checks_pass_and_fail_on_the_numbers():
@@ -157,6 +160,10 @@ def test_the_paper_table_shows_what_the_stream_would_answer_when_thresholds_were
     table = format_table(calibrated, 121)
     assert "| multimodal, curriculum | 0.600 | 0.900 | 0.900 | 0.900 | 0.400 | 0.400 (0.920) | 0.850 (0.920) |" in table
     assert "calibrated on val for precision 0.9" in table
+    silent = {**calibrated, "image-only": {"image_only": {**mode(0.5, 0.0), "precision": float("nan")},
+                                           "image_tags": mode(0.5, 0.3)}}
+    row = "| image-only | 0.500 | 0.900 | 0.500 | 0.900 | 0.400 | 0.000 (-) | 0.300 (0.920) |"
+    assert row in format_table(silent, 121)
     plain = format_table({name: {m: mode(r[m]["top1"]) for m in r} for name, r in calibrated.items()}, 121)
     assert "answered" not in plain
     assert plain.splitlines()[-1] == "| multimodal, curriculum | 0.600 | 0.900 | 0.900 | 0.900 | 0.400 |"
