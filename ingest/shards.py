@@ -519,19 +519,29 @@ def shard_paths(data: Storage, split: str) -> list[str]:
     return info.shards.get(split) or _list_shards(data, split)
 
 
-SAMPLE_CHUNK_BYTES = 64 << 20  # a row group whose sampled column is larger is not read for a sample
+# a row group whose sampled column is larger is not read for a sample (the builder's hold at most
+# ROW_GROUP_BYTES plus one image); at most SAMPLE_GROUPS row groups are looked at
+SAMPLE_CHUNK_BYTES = 128 << 20
+SAMPLE_GROUPS = 16
 
 
-def sample_column(data: Storage, rels: list[str], column: str, n: int,
-                  max_chunk_bytes: int = SAMPLE_CHUNK_BYTES) -> Iterator:
+def sample_column(data: Storage, rels: list[str], column: str, n: int, max_chunk_bytes: int = SAMPLE_CHUNK_BYTES,
+                  max_groups: int = SAMPLE_GROUPS) -> Iterator:
     """The first ``n`` values of one column of the shards ``rels`` (fewer when they hold fewer), a row
-    group at a time: a sample that costs one row group's column or so, whatever the split's size. A row
+    group at a time: a sample that costs a row group's column or so, whatever the split's size. A row
     group whose column is over ``max_chunk_bytes`` uncompressed (a foreign tool's one-group shard of
-    large images) is passed over, unread."""
-    left = n
+    large images) is passed over, unread; after ``max_groups`` row groups looked at, the sample is what
+    it is."""
+    left, groups = n, 0
     for rel in rels:
-        with data.parquet_file(rel) as pf:
-            for i in range(pf.num_row_groups):
+        if left <= 0 or groups >= max_groups:
+            return
+        with data.fs.open_input_file(data.path(rel)) as f:
+            pf = pq.ParquetFile(f)
+            for i in range(min(pf.num_row_groups, max_groups - groups)):
+                if left <= 0:
+                    return
+                groups += 1
                 group = pf.metadata.row_group(i)
                 size = sum(group.column(j).total_uncompressed_size for j in range(group.num_columns)
                            if group.column(j).path_in_schema == column)  # fmt: skip
@@ -540,8 +550,6 @@ def sample_column(data: Storage, rels: list[str], column: str, n: int,
                 values = pf.read_row_group(i, columns=[column]).column(0).slice(0, left).to_pylist()
                 left -= len(values)
                 yield from values
-                if left <= 0:
-                    return
 
 
 def iter_examples(data: Storage, split: str, columns: list[str] | None = None) -> Iterator[dict]:

@@ -92,6 +92,10 @@ def run(data: str | None, epochs: int | None = None, seed: int = 0, out: str | N
     train`` (Ray Train, that many workers) instead of in this process. Returns ``{variant:
     {"image_only": metrics, "image_tags": metrics}}``. ``image_size`` is the synthetic images' side and the
     model's input; unset, the images are 64 px and the input is chosen from them as danmul train does."""
+    from ray_jobs.train_config import check_image_size
+
+    if image_size is not None:
+        check_image_size(image_size)
     tmp = None
     if data is None:
         from ray_jobs.samples import synthetic_dataset

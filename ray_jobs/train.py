@@ -269,7 +269,17 @@ def read_progress(run_dir: Storage) -> list[dict[str, Any]]:
 
     if not run_dir.exists(PROGRESS):
         return []
-    return [json.loads(line) for line in run_dir.read_text(PROGRESS).splitlines() if line.strip()]
+    events = []
+    for n, line in enumerate(run_dir.read_text(PROGRESS).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except (ValueError, RecursionError):
+            raise ValueError(f"cannot read {run_dir.uri_of(PROGRESS)}: line {n} is not JSON") from None
+        if isinstance(event, dict):
+            events.append(event)
+    return events
 
 
 # -- the driver -----------------------------------------------------------------------------------------
@@ -287,22 +297,32 @@ SETTINGS = "danmul-train.yaml"  # in the run's folder: the settings it runs with
 
 
 def recorded_image_size(run_dir: Storage) -> int | None:
-    """The input size a run already trained at (an epoch ended, so a checkpoint may be resumed), from its
-    settings file; None when it has nothing to resume."""
+    """The input size a run already trained at, from its settings file, when it may have a checkpoint to
+    resume (a checkpoint folder, or an epoch ended); None when it has nothing to resume."""
     import yaml
 
-    if not any(e["event"] == "end" for e in read_progress(run_dir)) or not run_dir.exists(SETTINGS):
+    from ray_jobs.train_config import check_image_size
+
+    resumable = any(e.get("event") == "end" for e in read_progress(run_dir)) or any(
+        f.path.startswith("checkpoint_") for f in run_dir.list())
+    if not resumable or not run_dir.exists(SETTINGS):
         return None
+    where = run_dir.uri_of(SETTINGS)
     try:
         recorded = yaml.safe_load(run_dir.read_text(SETTINGS))
-        size, preset_name = recorded.get("image_size"), recorded.get("preset", "tiny")
-        if size is None:  # before the size was chosen, a run trained at its preset's
-            from model.config import PRESETS, ModelConfig
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        raise ValueError(f"cannot read {where} to resume the run: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"cannot read {where} to resume the run: not a mapping of settings")
+    size = recorded.get("image_size")
+    if size is None:  # before the size was chosen, a run trained at its preset's
+        from model.config import PRESETS, ModelConfig
 
-            size = PRESETS[preset_name].get("image_size", ModelConfig.image_size)
-        return int(size)
-    except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"cannot read {run_dir.uri_of(SETTINGS)} to resume the run: {e}") from None
+        preset_name = recorded.get("preset", "tiny")
+        if not isinstance(preset_name, str) or preset_name not in PRESETS:
+            raise ValueError(f"cannot read {where} to resume the run: preset {str(preset_name)[:40]!r}")
+        size = PRESETS[preset_name].get("image_size", ModelConfig.image_size)
+    return check_image_size(size, f"image_size in {where}")
 
 
 def with_input_size(cfg: TrainConfig, data: Storage, run_dir: Storage | None = None) -> tuple[TrainConfig, str | None]:
@@ -393,7 +413,7 @@ def run(cfg: TrainConfig, log=print) -> dict[str, Any]:
     best, best_metrics = max(ranked, key=lambda cm: cm[1][cfg.checkpoint_metric])
     log(f"best checkpoint: epoch {best_metrics['epoch']} ({cfg.checkpoint_metric} "
         f"{best_metrics[cfg.checkpoint_metric]:.3f})")
-    epochs_run = [e["epoch"] for e in read_progress(run_dir) if e["event"] == "end"]
+    epochs_run = [e.get("epoch") for e in read_progress(run_dir) if e.get("event") == "end"]
     return export_and_evaluate(best, run_dir.child("model"), data, info, cfg, epochs_run, log)
 
 

@@ -17,6 +17,14 @@ if TYPE_CHECKING:
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024  # a given --image-size, px: 2 patches a side to 4,096 ViT-B tokens
 
 
+def check_image_size(size: object, what: str = "--image-size") -> int:
+    """A model input size given by a user or a file: a whole number of px, from 16 to 1024."""
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"{what} must be a whole number of px from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, "
+                         f"not {str(size)[:40]!r}")
+    return size
+
+
 @dataclass
 class TrainConfig:
     data: str = field(metadata={"help": "Dan:mul dataset URI (local folder or s3://bucket/prefix)"})
@@ -61,8 +69,8 @@ class TrainConfig:
         "help": "serve danmul_train_* metrics from the rank-0 worker on this port (0: off)"})
 
     def __post_init__(self) -> None:
-        if self.image_size is not None and not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
-            raise ValueError(f"--image-size must be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} px, not {self.image_size}")
+        if self.image_size is not None:
+            check_image_size(self.image_size)
 
     def plan(self, images: int, workers: int):
         """The step budget for ``images`` train images on ``workers`` workers (``model.plan``)."""

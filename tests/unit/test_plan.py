@@ -258,8 +258,8 @@ def test_danmul_train_chooses_the_size_keeps_a_given_one_and_a_resumed_runs(tmp_
     assert cfg.image_size == 96 and line.startswith("input size 96px: ") and "--image-size" in line
     given = replace(fresh, image_size=48)
     assert with_input_size(given, Storage(data), run_dir) == (given, None)
-    for wrong in (0, -64, 15, 1025):
-        with pytest.raises(ValueError, match="--image-size must be 16 to 1024 px"):
+    for wrong in (0, -64, 15, 1025, "96", 96.5, True):
+        with pytest.raises(ValueError, match="--image-size must be a whole number of px from 16 to 1024"):
             replace(fresh, image_size=wrong)
 
     # a run that trained an epoch at 64 px (its settings from before the size was chosen: null) resumes at 64
@@ -271,9 +271,21 @@ def test_danmul_train_chooses_the_size_keeps_a_given_one_and_a_resumed_runs(tmp_
     assert with_input_size(replace(fresh, image_size=64), Storage(data), run_dir)[0].image_size == 64
     with pytest.raises(ValueError, match="trained at 64 px: resume it with --image-size 64"):
         with_input_size(replace(fresh, image_size=96), Storage(data), run_dir)
-    run_dir.write_text(SETTINGS, "image_size: [")
-    with pytest.raises(ValueError, match=r"cannot read .*danmul-train\.yaml"):
-        with_input_size(fresh, Storage(data), run_dir)
+    for hostile in ("image_size: [", "- a list", "image_size: abc", "image_size: .inf", "image_size: -5",
+                    "image_size: true", "preset: huge", "[" * 10_000):
+        run_dir.write_text(SETTINGS, hostile)
+        with pytest.raises(ValueError, match=r"danmul-train\.yaml") as refused:
+            with_input_size(fresh, Storage(data), run_dir)
+        assert "\n" not in str(refused.value)  # one line for the console
+
+    # killed after Ray saved a checkpoint but before the epoch's end was logged: still a resume
+    other = Storage(str(tmp_path / "o" / "other"))
+    other.write_text(SETTINGS, dump(replace(fresh, image_size=64)))
+    other.write_text("checkpoint_2026-12-04_01-54-58.810961/model.safetensors", "weights")
+    assert with_input_size(fresh, Storage(data), other)[0].image_size == 64
+    other.write_text("progress.jsonl", "not json\n")
+    with pytest.raises(ValueError, match=r"progress\.jsonl: line 1 is not JSON"):
+        with_input_size(fresh, Storage(data), other)
 
 
 def _shard(path, images: list) -> None:
@@ -322,6 +334,15 @@ def test_the_size_sample_reads_no_oversized_row_group(tmp_path, monkeypatch):
     real = pq.ParquetFile.read_row_group
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, *a, **k: read.append(a) or real(self, *a, **k))
     assert list(sample_column(data, shards, "image", 10, max_chunk_bytes=1024)) == [] and not read
+    # the builder's own row groups (up to 64 MiB of images and one more) are read
+    from ingest.shards import ROW_GROUP_BYTES, SAMPLE_CHUNK_BYTES
+    from model.preprocess import MAX_IMAGE_BYTES
+
+    assert SAMPLE_CHUNK_BYTES > ROW_GROUP_BYTES + MAX_IMAGE_BYTES
+    opened = []
+    real_path = Storage.path
+    monkeypatch.setattr(Storage, "path", lambda self, rel="": opened.append(rel) or real_path(self, rel))
+    assert list(sample_column(data, shards * 20, "image", 10_000, max_groups=3)) and len(opened) <= 3
 
 
 def generate_lookalike(tmp_path, size: int) -> str:
