@@ -20,8 +20,9 @@ MIN_BATCH = 8
 SHORT_PLAN_STEPS = 300  # fewer steps than this learn little from scratch: the plan line warns
 DEFAULT_EPOCHS = 10
 # The input size a preset grows to, unless --image-size fixes it: the train images' typical long side, from the
-# preset's own size up to this. A small emblem that tells look-alikes apart spans 2 or 3 pixels at 64 px and
-# a whole 8 px patch at 96; 96 px is 144 patches of 8, about twice the compute of 64 px. base stays at its 224.
+# preset's own size up to this. The look-alike set's emblem, the small detail that tells siblings apart, is 6-11
+# px across at 64 px and 9-17 px at 96; 96 px is 144 patches of 8, about twice the compute of 64 px (on 2 CPU
+# cores; docs/benchmarks.md). base stays at its 224.
 MAX_IMAGE_SIZE = {"tiny": 96, "base": 224}
 
 

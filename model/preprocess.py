@@ -223,11 +223,15 @@ def decode(
     by the aspect rule. With ``size`` (the model's input size) the image is also shrunk while decoding,
     by an integer factor that keeps its long side at least ``size``. Raises :class:`ImageError` and
     nothing else."""
+    _check_bytes(data, max_bytes)
+    return _guarded(lambda: _decode(data, size, max_pixels))
+
+
+def _check_bytes(data: bytes, max_bytes: int) -> None:
     if not data:
         raise ImageError("empty")
     if len(data) > max_bytes:
         raise ImageError("too_large", f"{len(data)} bytes > {max_bytes}")
-    return _guarded(lambda: _decode(data, size, max_pixels))
 
 
 def _webp_size(data: bytes) -> tuple[int, int] | None:
@@ -319,10 +323,7 @@ def long_side(data: bytes, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_IM
     good header) it does not see."""
 
     def read() -> int:
-        if not data:
-            raise ImageError("empty")
-        if len(data) > max_bytes:
-            raise ImageError("too_large", f"{len(data)} bytes > {max_bytes}")
+        _check_bytes(data, max_bytes)  # inside the guard: a value that is not bytes is an ImageError too
         if declared := _webp_size(data):  # not opened: PIL would allocate a WebP's canvas
             _check_webp(declared, len(data), max_pixels)
             box = _window(*declared, 1)  # a turn by EXIF orientation swaps the sides, not the long one

@@ -9,7 +9,7 @@ from ingest.schema import DatasetInfo
 from ingest.shards import sample_column
 from ingest.storage import Storage
 from model.checkpoint import Checkpoint, load
-from model.config import PRESETS, ModelConfig, preset
+from model.config import ModelConfig, preset
 from model.network import DanmulNet, load_pretrained_image_weights, read_image_weights
 from model.plan import MAX_IMAGE_SIZE, InputSize, choose_image_size
 from model.preprocess import ImageError, long_side
@@ -36,11 +36,9 @@ def input_size_for(data: Storage, preset_name: str = "tiny", pretrained_image: s
     embeddings are made for it."""
     from ray_jobs.train_data import split_shards
 
-    if preset_name not in PRESETS:
-        raise ValueError(f"unknown preset {preset_name!r}; choose from {sorted(PRESETS)}")
-    own = PRESETS[preset_name]
+    own = preset(preset_name)
     # patch None: the timm model's own, 16 for the ViT the base preset names (its size is fixed anyway)
-    size, patch = own.get("image_size", ModelConfig.image_size), own.get("patch_size") or 16
+    size, patch = own.image_size, own.patch_size or 16
     if pretrained_image:
         return InputSize(size, f"the {preset_name} preset's size, which the pretrained image weights are made for")
     if MAX_IMAGE_SIZE.get(preset_name, size) <= size:

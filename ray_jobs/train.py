@@ -316,12 +316,12 @@ def recorded_image_size(run_dir: Storage) -> int | None:
         raise ValueError(f"cannot read {where} to resume the run: not a mapping of settings")
     size = recorded.get("image_size")
     if size is None:  # before the size was chosen, a run trained at its preset's
-        from model.config import PRESETS, ModelConfig
+        from model.config import PRESETS, preset
 
         preset_name = recorded.get("preset", "tiny")
         if not isinstance(preset_name, str) or preset_name not in PRESETS:
             raise ValueError(f"cannot read {where} to resume the run: preset {str(preset_name)[:40]!r}")
-        size = PRESETS[preset_name].get("image_size", ModelConfig.image_size)
+        size = preset(preset_name).image_size
     return check_image_size(size, f"image_size in {where}")
 
 
