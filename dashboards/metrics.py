@@ -38,7 +38,13 @@ SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 # -- streaming tagger ------------------------------------------------------------------------------------
 UPLOADS = Counter("danmul_uploads_total", "Uploads finished by a consumer, by outcome: tagged (result written), "
-                  "dead_letter, duplicate (another delivery had already finished it)", ["outcome"])
+                  "dead_letter, duplicate (another delivery had already finished it), gone (no longer in the "
+                  "stream when its outcome was to be written: nothing written)", ["outcome"])
+RECOVERED = Counter("danmul_uploads_recovered_total", "Uploads Redis had forgotten part of (a failover, a restart "
+                    "from an older snapshot, an append-only file replayed in part) and the tagger did again, by "
+                    "what was forgotten: delivery (no longer pending while a consumer worked on it: its outcome "
+                    "was written all the same), acknowledgement (marked delivered, with no result or dead letter: "
+                    "made pending again)", ["what"])
 RETRIES = Counter("danmul_upload_retries_total", "Uploads left pending for another delivery, by reason "
                   "(fetch_error, model_unavailable, model_timeout, replica_died, redis_error, internal_error)",
                   ["reason"])
@@ -65,7 +71,7 @@ MODEL_INFO = Gauge("danmul_model_info", "The model a replica serves: 1 per versi
                    multiprocess_mode="livemax")
 REDIS_ERRORS = Counter("danmul_redis_errors_total", "Redis commands or scripts that failed with an error Redis "
                        "answered (not an outage), by operation: read, claim, complete, dead_letter, trim, touch, "
-                       "stats, group; the upload concerned stays pending", ["op"])
+                       "stats, group, audit, forget; the upload concerned stays pending", ["op"])
 STREAM_TRIMMED = Counter("danmul_stream_trimmed_total", "Acknowledged upload entries trimmed from the uploads "
                          "stream by the tagger (retention)")
 REDIS_UP = Gauge("danmul_redis_up", "1 while the consumer can read and write Redis with its credentials, 0 while "

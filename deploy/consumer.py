@@ -37,6 +37,14 @@ MODEL_UNAVAILABLE_ATTEMPTS = 3  # a model call refused because no replica is rea
 REDIS_WRITE_PATIENCE_S = 30.0  # how long a finished upload waits for Redis to come back before it is left
 IDLE_POLL_S = (0.005, 0.1)  # polling for new uploads when the stream is empty: first and longest wait
 STATS_INTERVAL_S = 2.0
+AUDIT_INTERVAL_S = (0.2, 5.0)  # the audit of forgotten deliveries: while walking, and once caught up
+FORGET_INTERVAL_S = 60.0  # how often consumers that left their names behind are deleted from the group
+FORGET_IDLE_S = 600.0  # a consumer with nothing pending, not heard from this long, is deleted from the group
+# Redis round trips: a command gets this long (scripts are bounded: no reply within it means Redis hangs); the
+# heartbeat behind /health pings on a connection of its own, every HEARTBEAT_S, and calls Redis unresponsive
+# when no answer came within HEARTBEAT_TIMEOUT_S
+REDIS_COMMAND_TIMEOUT_S = 10.0
+HEARTBEAT_S, HEARTBEAT_TIMEOUT_S = 1.0, 2.0
 # once the consumer is stopping, a model call in flight gets this long to answer, then its upload is left
 # pending (redelivered after the restart): a stop deletes the model with the consumers, and a call whose
 # replica is gone would otherwise hold the stop for the whole model timeout
@@ -125,8 +133,11 @@ class UploadConsumer:
         keys = Keys(self.settings.prefix)
         self._check_redis(keys)
         s = self.settings
-        self.client = connect(s.redis, asyncio=True, socket_timeout=30.0, ca_file=s.redis_ca_file,
+        self.client = connect(s.redis, asyncio=True, socket_timeout=REDIS_COMMAND_TIMEOUT_S, ca_file=s.redis_ca_file,
                               cluster=s.redis_cluster)
+        # the heartbeat's own connection: a pool whose connections all wait on a hung Redis must not hold it up
+        self.pinger = connect(s.redis, asyncio=True, socket_timeout=HEARTBEAT_TIMEOUT_S, retries=0, max_connections=1,
+                              ca_file=s.redis_ca_file, cluster=s.redis_cluster)
         self.queue = AsyncUploadQueue(self.client, keys, s.group, self.name, result_ttl_s=s.result_ttl_s,
                                       max_entry_bytes=s.max_entry_bytes)
         roots = [r for r in s.local_roots.split(",") if r.strip()]
@@ -139,13 +150,15 @@ class UploadConsumer:
         self.stopping = asyncio.Event()
         self.stop_deadline = float("inf")  # when the stop began, plus STOP_GRACE_S
         self.counts: dict[str, int] = {}
-        self.redis_problem: str | None = None
+        self.redis_problem: str | None = None  # what the loop's last Redis call ran into
+        self.unresponsive: str | None = None  # what the heartbeat sees: Redis answers no PING in time
         self._last_redis_log = 0.0
         self._undelivered_deleted = False
         self.solo = asyncio.Lock()  # the isolation lane: redelivered uploads, one at a time
         self.batcher = CallBatcher(model, size=max(1, min(self.settings.max_batch_size, self.settings.max_in_flight)))
         self.batcher_task = asyncio.get_running_loop().create_task(self.batcher.run())
         self.loop_task = asyncio.get_running_loop().create_task(self._run())
+        self.heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat())
         self.metrics.CONSUMERS.set(1)
         log.info("consumer %s reading %s as group %s", self.name, keys.uploads, self.settings.group)
 
@@ -178,7 +191,7 @@ class UploadConsumer:
         from ingest.queue import AUTH_ERRORS, tls_untrusted
 
         backoff, idle = 0.1, IDLE_POLL_S[0]
-        next_claim = next_stats = next_trim = next_touch = 0.0
+        next_claim = next_stats = next_trim = next_touch = next_audit = next_forget = 0.0
         group_ready = False
         op = "read"
         while not self.stopping.is_set():
@@ -199,6 +212,15 @@ class UploadConsumer:
                 if now >= next_trim:
                     op, next_trim = "trim", now + self.settings.trim_interval_s
                     self.metrics.STREAM_TRIMMED.inc(await self.queue.trim(self.settings.stream_retention_s))
+                if now >= next_forget:
+                    op, next_forget = "forget", now + FORGET_INTERVAL_S
+                    await self.queue.forget_consumers(FORGET_IDLE_S)
+                if now >= next_audit:
+                    op, next_audit = "audit", now + AUDIT_INTERVAL_S[1]
+                    if await self._audit():
+                        next_claim = now  # what it made pending again is for the reclaim, now
+                    if not self.queue.audit_state.caught_up:
+                        next_audit = now + AUDIT_INTERVAL_S[0]
                 free, budget = self._free()
                 if now >= next_claim and free > 0 and budget > 0:
                     op, next_claim = "claim", now + max(1.0, self.settings.claim_idle_s / 2)
@@ -242,7 +264,23 @@ class UploadConsumer:
                 backoff = min(backoff * 2, 5.0)
         await self._drain()
 
+    async def _audit(self) -> int:
+        """One step of the audit of deliveries Redis forgot (``ingest.queue``'s ledger): after a restart or a
+        failover, uploads that are neither pending nor ended are made pending again for the reclaim."""
+        seen = self.queue.audit_state.run_id
+        found = await self.queue.audit()
+        if seen and self.queue.audit_state.run_id != seen:
+            log.warning("Redis is another run than before (restarted or failed over): checking the uploads it "
+                        "delivered for any it forgot")
+        if found:
+            self.metrics.RECOVERED.labels("acknowledgement").inc(found)
+            log.warning("%d upload(s) Redis had marked delivered without a result or dead letter (it forgot part "
+                        "of what was written): they will be processed again", found)
+        return found
+
     def _take(self, delivery) -> None:
+        if delivery.ended:  # delivered again, but the ledger knows their outcome: acknowledged by the script
+            self.metrics.UPLOADS.labels("duplicate").inc(delivery.ended)
         for dead in delivery.dead:  # dead-lettered inside Redis (too large, delivered too often, deleted)
             self.metrics.DEAD_LETTERS.labels(dead.reason).inc()
             self._finished(dead.entry_id, "dead_letter")
@@ -268,7 +306,35 @@ class UploadConsumer:
         if self.redis_problem is not None:
             log.info("redis available again")
         self.redis_problem = None
-        self.metrics.REDIS_UP.set(1)
+        self.metrics.REDIS_UP.set(0 if self.unresponsive else 1)
+
+    async def _heartbeat(self) -> None:
+        """PING Redis every HEARTBEAT_S on a connection of its own: a Redis that hangs (stopped, swapping, a
+        network that drops packets) shows in /health within seconds, not after the loop's command timeout."""
+        from ingest.queue import AUTH_ERRORS
+
+        since = None
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.pinger.ping(), HEARTBEAT_TIMEOUT_S)
+                if self.unresponsive is not None:
+                    log.info("redis answers again")
+                self.unresponsive, since = None, None
+                if self.redis_problem is None:
+                    self.metrics.REDIS_UP.set(1)
+            except Exception as e:  # whatever it is, Redis did not answer the PING
+                since = since or time.monotonic()
+                if isinstance(e, AUTH_ERRORS):
+                    problem = f"Redis refused the credentials ({e})"
+                else:
+                    problem = (f"Redis does not answer ({type(e).__name__}) for "
+                               f"{time.monotonic() - since + HEARTBEAT_TIMEOUT_S:.0f} s")
+                if self.unresponsive is None:
+                    log.warning("%s", problem)
+                self.unresponsive = problem
+                self.metrics.REDIS_UP.set(0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), HEARTBEAT_S)
 
     def _redis_down(self, problem: str, error: bool = False) -> None:
         self.metrics.REDIS_UP.set(0)
@@ -384,8 +450,7 @@ class UploadConsumer:
         if done is None:
             return
         self.metrics.STAGE_SECONDS.labels("write_back").observe(time.perf_counter() - t0)
-        if done or upload.entry_id not in self.ended_elsewhere:
-            self._finished(upload.entry_id, "tagged" if done else "duplicate")
+        self._ended(upload, done, "tagged")
         if done:
             self.metrics.CHARACTER_CONFIDENCE.observe(out["best_character"][1])
             if out["abstained"]:
@@ -398,8 +463,23 @@ class UploadConsumer:
         if done:
             self.metrics.DEAD_LETTERS.labels(reason).inc()
             log.info("upload %s dead-lettered: %s %s", upload.entry_id, reason, detail[:200])
-        if done or upload.entry_id not in self.ended_elsewhere:
-            self._finished(upload.entry_id, "dead_letter" if done else "duplicate")
+        self._ended(upload, done, "dead_letter")
+
+    def _ended(self, upload, done, outcome: str) -> None:
+        """Count what a script that ends an upload did (``done``: an ``ingest.queue.Ended``)."""
+        from ingest.queue import Ended
+
+        if done.recovered:
+            self.metrics.RECOVERED.labels("delivery").inc()
+            log.warning("upload %s was no longer pending (Redis forgot its delivery); its %s was written all the "
+                        "same", upload.entry_id, outcome.replace("_", " "))
+        if done:
+            self._finished(upload.entry_id, outcome)
+        elif upload.entry_id not in self.ended_elsewhere:
+            if done == Ended.GONE:
+                log.warning("upload %s is no longer in the uploads stream (trimmed after another delivery ended "
+                            "it, deleted, or lost by Redis): nothing written", upload.entry_id)
+            self._finished(upload.entry_id, "gone" if done == Ended.GONE else "duplicate")
 
     async def _redis(self, op: str, upload, fn, *args) -> Any:
         """A final write, retried while Redis is away (restarting) for up to REDIS_WRITE_PATIENCE_S (the
@@ -444,7 +524,7 @@ class UploadConsumer:
     def status(self) -> dict:
         return {"consumer": self.name, "in_flight": len(self.tasks), "held_bytes": self.held_bytes,
                 "counts": dict(self.counts), "running": not self.loop_task.done(),
-                "redis": self.redis_problem or "ok"}
+                "redis": self.redis_problem or self.unresponsive or "ok"}
 
     async def _answer(self, call, timeout: float):
         """``call``'s answer within ``timeout`` (else :class:`TimeoutError`); once the consumer is stopping,
@@ -480,5 +560,8 @@ class UploadConsumer:
         self.stopping.set()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(self.loop_task), timeout=25.0)
+        self.heartbeat_task.cancel()
         await self.client.aclose()
+        with contextlib.suppress(Exception):
+            await self.pinger.aclose()
         self.metrics.process_exiting()

@@ -74,11 +74,31 @@ TOO_LARGE = "too_large"
 
 # -- the Lua scripts ----------------------------------------------------------------------------------------
 # Every script that ends an upload follows one order: read-only checks first (is the entry still pending to
-# the group? do the output keys hold the right types?), then the writes, and the acknowledgement last. Redis
-# runs a script atomically, so no second writer slips in between; and since nothing after the first write
-# can fail (types were checked, argument lists are bounded), an upload is never acknowledged without its
-# result or dead letter, nor left half-written. A script that fails before its first write (a wrong type, a
-# read-only replica, out of memory) writes nothing: the upload stays pending and is tried again.
+# the group? has it ended already? do the output keys hold the right types?), then the writes, and the
+# acknowledgement last. Redis runs a script atomically, so no second writer slips in between; and since nothing
+# after the first write can fail (types were checked, argument lists are bounded), an upload is never
+# acknowledged without its result or dead letter, nor left half-written. A script that fails before its first
+# write (a wrong type, a read-only replica, out of memory) writes nothing: the upload stays pending.
+#
+# The ledger. Redis may come back knowing only part of what danmul wrote: a replica promoted before it had
+# everything, a restart from an older snapshot, or an append-only file whose replay drops every MULTI/EXEC
+# block (Redis 7 logs each script's effects as one such block when it wrote more than one command; plain
+# commands, the platform's XADDs among them, replay). Then an entry can sit behind the group's last-delivered
+# id, not pending, with no result: a later single-entry read replayed while the read that delivered it did
+# not. "Not pending" is therefore never read as "ended". Every outcome is recorded in the ledger hash
+# ``{prefix}done`` (entry id -> ``r`` for a result, ``d:<reason>`` for a dead letter) in the same script as the
+# outcome itself, and:
+# - a result or dead letter for an entry that is no longer pending is still written when the ledger does not
+#   know it and the entry is still in the stream (Redis forgot its delivery: it is done again, with the same
+#   upload_id, and counted as recovered);
+# - a read or reclaim that delivers an entry the ledger knows acknowledges it without handing it out;
+# - the trim removes only entries the ledger knows (with their ledger records, in the same script), and always
+#   writes two commands so that its effects are one block too: a replay that drops blocks drops the trim with
+#   the outcomes it relied on;
+# - the audit walks the stream behind the group's last-delivered id after Redis changed (another run_id: a
+#   restart or a failover) and makes every entry that is neither pending nor known to the ledger pending again,
+#   idle, so the next reclaim takes it.
+# Entries that ended before the ledger existed count as ended when their post's result hash names them.
 _LUA_COMMON = """
 local function parse_id(id)
   local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
@@ -185,44 +205,76 @@ local function stored_fields(key, id)
   if #r == 0 then return {} end
   return r[1][2]
 end
-"""
-
-# KEYS: uploads, dead, attempts. ARGV: group, entry id, dead maxlen, reason, detail, max_fields, max_value,
-# max_image. Returns 1 when written, 0 when the entry was no longer pending (another delivery ended it).
-_DEAD_LUA = _LUA_COMMON + """
-local attempts = times_delivered(KEYS[1], ARGV[1], ARGV[2])
-if not attempts then return 0 end
-if not holds(KEYS[2], 'stream') or not holds(KEYS[3], 'hash') then
-  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream or attempts hash holds another type')
+-- whether an upload has ended (result or dead letter): the ledger says so, or (an upload that ended before
+-- the ledger existed) its post's result hash names it
+local function ended(done, prefix, id, fields)
+  if redis.call('HEXISTS', done, id) == 1 then return true end
+  for i = 1, #fields - 1, 2 do
+    if fields[i] == 'post_id' then
+      local post = fields[i + 1]
+      if #post == 0 or #post > 64 then return false end
+      local r = redis.pcall('HGET', prefix .. 'result:' .. post, 'upload_id')
+      return type(r) == 'string' and r == id
+    end
+  end
+  return false
 end
-local e = dead_fields(ARGV[2], stored_fields(KEYS[1], ARGV[2]), ARGV[4], ARGV[5], attempts,
-                      tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]))
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(e))
-redis.call('HDEL', KEYS[3], ARGV[2])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-return 1
 """
 
-# KEYS: uploads, result hash, results stream, attempts. ARGV: group, entry id, ttl, results maxlen, then
-# n + the hash's fields, then m + the results entry's fields (both fixed, short lists built by danmul).
-# Returns 1 (written), 2 (the results entry written, the hash kept: it holds a newer upload's result), 0 (no
-# longer pending: nothing written).
+# Ending an upload as a dead letter, by id (its fields are copied from the stream).
+_DEAD_LUA = _LUA_COMMON + """
+local uploads, dead, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local group, id, dead_maxlen, reason, detail = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local max_fields, max_value, max_image = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'hash') then
+  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts or ledger hash holds another type')
+end
+local delivered = times_delivered(uploads, group, id)
+local fields, recovered = {}, 0
+if delivered then
+  fields = stored_fields(uploads, id)
+else
+  if redis.call('HEXISTS', done, id) == 1 then return {0, 0} end  -- another delivery ended it
+  fields = stored_fields(uploads, id)
+  if #fields == 0 then return {3, 0} end  -- not in the stream: ended and trimmed, or deleted, or never held
+  delivered, recovered = 1, 1  -- Redis forgot this delivery: the upload has no outcome yet
+end
+local e = dead_fields(id, fields, reason, detail, delivered, max_fields, max_value, max_image)
+redis.call('XADD', dead, 'MAXLEN', '~', dead_maxlen, '*', unpack(e))
+if #fields > 0 then redis.call('HSET', done, id, 'd:' .. reason) end
+redis.call('HDEL', attempts, id)
+redis.call('XACK', uploads, group, id)
+return {1, recovered}
+"""
+
+# Ending an upload with its result: the result hash (unless it holds a newer upload's), one results entry.
+# ARGV after the fixed ones: n + the hash's fields, then m + the results entry's fields (both fixed, short lists
+# built by danmul). Returns {status, recovered}: status 1 (written), 2 (the results entry written, the hash kept:
+# it holds a newer upload's result), 0 (another delivery ended it: nothing written), 3 (not in the stream any
+# more: nothing written); recovered 1 when Redis had forgotten the delivery.
 _COMPLETE_LUA = _LUA_COMMON + """
-if not times_delivered(KEYS[1], ARGV[1], ARGV[2]) then return 0 end
-if not holds(KEYS[2], 'hash') or not holds(KEYS[3], 'stream') or not holds(KEYS[4], 'hash') then
-  return redis.error_reply('WRONGTYPE danmul: a result key holds another type')
+local uploads, result, results, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local group, id, ttl, results_maxlen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+if not holds(result, 'hash') or not holds(results, 'stream') or not holds(attempts, 'hash')
+    or not holds(done, 'hash') then
+  return redis.error_reply('WRONGTYPE danmul: a result key or the ledger holds another type')
+end
+local recovered = 0
+if not times_delivered(uploads, group, id) then
+  if redis.call('HEXISTS', done, id) == 1 then return {0, 0} end
+  if #redis.call('XRANGE', uploads, id, id) == 0 then return {3, 0} end
+  recovered = 1
 end
 local n = tonumber(ARGV[5])
 local m = tonumber(ARGV[6 + n])
-local current = redis.call('HGET', KEYS[2], 'upload_id')
-local newest = (not current) or not id_lt(ARGV[2], current)
+local current = redis.call('HGET', result, 'upload_id')
+local newest = (not current) or not id_lt(id, current)
 if newest then
   local hash = {}
   for i = 1, n do hash[i] = ARGV[5 + i] end
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[2], 'upload_id', ARGV[2], unpack(hash))
-  local ttl = tonumber(ARGV[3])
-  if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+  redis.call('DEL', result)
+  redis.call('HSET', result, 'upload_id', id, unpack(hash))
+  if ttl > 0 then redis.call('EXPIRE', result, ttl) end
 end
 local entry = {}
 for i = 1, m do entry[i] = ARGV[6 + n + i] end
@@ -230,42 +282,53 @@ if not newest then
   entry[#entry + 1] = 'superseded'
   entry[#entry + 1] = '1'
 end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(entry))
-redis.call('HDEL', KEYS[4], ARGV[2])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if newest then return 1 end
-return 2
+redis.call('XADD', results, 'MAXLEN', '~', results_maxlen, '*', unpack(entry))
+redis.call('HSET', done, id, 'r')
+redis.call('HDEL', attempts, id)
+redis.call('XACK', uploads, group, id)
+if newest then return {1, recovered} end
+return {2, recovered}
 """
 
-# Reading new uploads with a byte budget. XREADGROUP one entry at a time (so the script never holds more
-# than the budget plus one entry): an entry over max_entry is dead-lettered as too_large at once, unread by
-# the consumer. KEYS: uploads, dead, attempts. ARGV: group, consumer, count, max_entry, budget, dead maxlen,
-# max_fields, max_value, max_image. Returns {uploads, dead}: uploads = {id, fields, size}..., dead = {id,
-# reason, detail}...
+# Reading new uploads with a byte budget. XREADGROUP one entry at a time (so the script never holds more than
+# the budget plus one entry): an entry over max_entry is dead-lettered as too_large at once, unread by the
+# consumer; one the ledger knows (its outcome was written while Redis had forgotten its delivery) is
+# acknowledged, not handed out. Returns {uploads, dead, ended}: uploads = {id, fields, size}..., dead = {id,
+# reason, detail}..., ended = how many were acknowledged as already ended.
 _READ_LUA = _LUA_COMMON + """
-if not holds(KEYS[2], 'stream') or not holds(KEYS[3], 'hash') then
-  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream or attempts hash holds another type')
+local uploads, dead, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local group, consumer, count, max_entry, budget = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+                                                  tonumber(ARGV[5])
+local dead_maxlen, max_fields, max_value, max_image = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]),
+                                                      tonumber(ARGV[9])
+if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'hash') then
+  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts or ledger hash holds another type')
 end
-local out, dead, total = {}, {}, 0
-for _ = 1, tonumber(ARGV[3]) do
-  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
+local out, buried, total, skipped = {}, {}, 0, 0
+for _ = 1, count do
+  local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', uploads, '>')
   if not r then break end
   local id, fields = r[1][2][1][1], r[1][2][1][2]
-  local detail = unreadable(fields, tonumber(ARGV[4]))
-  if detail then
-    local e = dead_fields(id, fields, 'too_large', detail, 1, tonumber(ARGV[7]), tonumber(ARGV[8]),
-                          tonumber(ARGV[9]))
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', unpack(e))
-    redis.call('XACK', KEYS[1], ARGV[1], id)
-    dead[#dead + 1] = {id, 'too_large', detail}
-    break
+  if redis.call('HEXISTS', done, id) == 1 then
+    redis.call('XACK', uploads, group, id)
+    skipped = skipped + 1
+  else
+    local detail = unreadable(fields, max_entry)
+    if detail then
+      local e = dead_fields(id, fields, 'too_large', detail, 1, max_fields, max_value, max_image)
+      redis.call('XADD', dead, 'MAXLEN', '~', dead_maxlen, '*', unpack(e))
+      redis.call('HSET', done, id, 'd:too_large')
+      redis.call('XACK', uploads, group, id)
+      buried[#buried + 1] = {id, 'too_large', detail}
+      break
+    end
+    local size = entry_size(fields)
+    out[#out + 1] = {id, fields, size}
+    total = total + size
+    if total >= budget then break end
   end
-  local size = entry_size(fields)
-  out[#out + 1] = {id, fields, size}
-  total = total + size
-  if total >= tonumber(ARGV[5]) then break end
 end
-return {out, dead}
+return {out, buried, skipped}
 """
 
 # Taking over uploads whose consumer died or hung (idle longer than min_idle), one at a time from a cursor
@@ -273,36 +336,45 @@ return {out, dead}
 # claims without counting or loading it): one delivered max_deliveries times already is dead-lettered by id
 # (poison: it took its consumer or model replica down each time; internal_error / max_deliveries: the last
 # recorded failure), never decoded again. Entries deleted from the stream while pending (XAUTOCLAIM drops
-# them from the pending list) are dead-lettered as deleted. The rest are claimed with XCLAIM (which counts
-# the delivery and loads the body) under the same byte budget as reads.
-# KEYS: uploads, dead, attempts. ARGV: group, consumer, min_idle, cursor, count, max_entry, budget,
-# max_deliveries, dead maxlen, max_fields, max_value, max_image.
-# Returns {next cursor, uploads {id, fields, size, deliveries}..., dead {id, reason, detail}...}.
+# them from the pending list) are dead-lettered as deleted; entries the ledger knows are acknowledged. The
+# rest are claimed with XCLAIM (which counts the delivery and loads the body) under the same byte budget as
+# reads. Returns {next cursor, uploads {id, fields, size, deliveries}..., dead {id, reason, detail}..., ended}.
 _CLAIM_LUA = _LUA_COMMON + """
-if not holds(KEYS[2], 'stream') or not holds(KEYS[3], 'hash') then
-  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream or attempts hash holds another type')
+local uploads, dead, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local group, consumer, min_idle, cursor = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local count, max_entry, budget, max_deliveries = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
+                                                 tonumber(ARGV[8])
+local dead_maxlen, max_fields, max_value, max_image = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]),
+                                                      tonumber(ARGV[12])
+if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'hash') then
+  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts or ledger hash holds another type')
 end
-local cursor = ARGV[4]
-local out, dead, total = {}, {}, 0
-local max_fields, max_value, max_image = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
-local function bury(id, fields, reason, detail, attempts, ack)
-  local e = dead_fields(id, fields, reason, detail, attempts, max_fields, max_value, max_image)
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', unpack(e))
-  redis.call('HDEL', KEYS[3], id)
-  if ack then redis.call('XACK', KEYS[1], ARGV[1], id) end
-  dead[#dead + 1] = {id, reason, detail}
+local out, buried, total, skipped = {}, {}, 0, 0
+-- a dead letter; in_stream: the entry is still in the stream (then it is acknowledged and in the ledger)
+local function bury(id, fields, reason, detail, delivered, in_stream)
+  local e = dead_fields(id, fields, reason, detail, delivered, max_fields, max_value, max_image)
+  redis.call('XADD', dead, 'MAXLEN', '~', dead_maxlen, '*', unpack(e))
+  redis.call('HDEL', attempts, id)
+  if in_stream then
+    redis.call('HSET', done, id, 'd:' .. reason)
+    redis.call('XACK', uploads, group, id)
+  end
+  buried[#buried + 1] = {id, reason, detail}
 end
-for _ = 1, tonumber(ARGV[5]) do
-  local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], cursor, 'COUNT', 1, 'JUSTID')
+for _ = 1, count do
+  local r = redis.call('XAUTOCLAIM', uploads, group, consumer, min_idle, cursor, 'COUNT', 1, 'JUSTID')
   cursor = r[1]
   for _, id in ipairs(r[3] or {}) do
     bury(id, {}, 'deleted', 'deleted from the uploads stream while pending', 0, false)
   end
   local id = r[2][1]
   if id then
-    local delivered = times_delivered(KEYS[1], ARGV[1], id)
-    if delivered >= tonumber(ARGV[8]) then
-      local last = redis.call('HGET', KEYS[3], id)
+    local delivered = times_delivered(uploads, group, id)
+    if redis.call('HEXISTS', done, id) == 1 then
+      redis.call('XACK', uploads, group, id)
+      skipped = skipped + 1
+    elseif delivered >= max_deliveries then
+      local last = redis.call('HGET', attempts, id)
       local reason, detail = 'max_deliveries', 'delivered ' .. delivered .. ' times without a result'
       if not last or last == 'replica_died' then
         reason = 'poison'
@@ -312,13 +384,14 @@ for _ = 1, tonumber(ARGV[5]) do
       else
         detail = detail .. '; last: ' .. last
       end
-      bury(id, stored_fields(KEYS[1], id), reason, detail, delivered, true)
+      local fields = stored_fields(uploads, id)
+      bury(id, fields, reason, detail, delivered, #fields > 0)
     else
-      local c = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
+      local c = redis.call('XCLAIM', uploads, group, consumer, 0, id)
       if #c > 0 then
         local fields = c[1][2]
         local size = entry_size(fields)
-        local why = unreadable(fields, tonumber(ARGV[6]))
+        local why = unreadable(fields, max_entry)
         if why then
           bury(id, fields, 'too_large', why, delivered + 1, true)
         else
@@ -328,31 +401,34 @@ for _ = 1, tonumber(ARGV[5]) do
       end
     end
   end
-  if cursor == '0-0' or total >= tonumber(ARGV[7]) then break end
+  if cursor == '0-0' or total >= budget then break end
 end
-return {cursor, out, dead}
+return {cursor, out, buried, skipped}
 """
 
 # Heartbeat: reset the idle time of uploads this consumer is still working on (XCLAIM JUSTID neither counts
 # a delivery nor loads the entry), so a slow upload is not reclaimed from under a live consumer. Only
 # entries still pending to this consumer are touched; one deleted from the stream meanwhile (which XCLAIM
-# drops from the pending list) gets its `deleted` dead letter here. KEYS: uploads, dead, attempts. ARGV:
-# group, consumer, dead maxlen, max_fields, max_value, max_image, ids... Returns {touched, deleted ids}.
+# drops from the pending list) gets its `deleted` dead letter here. ARGV: group, consumer, dead maxlen,
+# max_fields, max_value, max_image, ids... Returns {touched, deleted ids}.
 _TOUCH_LUA = _LUA_COMMON + """
-if not holds(KEYS[2], 'stream') or not holds(KEYS[3], 'hash') then
+local uploads, dead, attempts = KEYS[1], KEYS[2], KEYS[3]
+local group, consumer, dead_maxlen = ARGV[1], ARGV[2], ARGV[3]
+local max_fields, max_value, max_image = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if not holds(dead, 'stream') or not holds(attempts, 'hash') then
   return redis.error_reply('WRONGTYPE danmul: the dead-letter stream or attempts hash holds another type')
 end
 local n, gone = 0, {}
 for i = 7, #ARGV do
   local id = ARGV[i]
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-  if #p == 1 and p[1][2] == ARGV[2] then
+  local p = redis.call('XPENDING', uploads, group, id, id, 1)
+  if #p == 1 and p[1][2] == consumer then
     -- XCLAIM drops an entry deleted from the stream from the pending list: its dead letter, now
-    if #redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID') == 0 then
+    if #redis.call('XCLAIM', uploads, group, consumer, 0, id, 'JUSTID') == 0 then
       local e = dead_fields(id, {}, 'deleted', 'deleted from the uploads stream while pending', p[1][4],
-                            tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(e))
-      redis.call('HDEL', KEYS[3], id)
+                            max_fields, max_value, max_image)
+      redis.call('XADD', dead, 'MAXLEN', '~', dead_maxlen, '*', unpack(e))
+      redis.call('HDEL', attempts, id)
       gone[#gone + 1] = id
     else
       n = n + 1
@@ -362,33 +438,126 @@ end
 return {n, gone}
 """
 
-# Retention: trim acknowledged uploads older than keep_ms, and never an entry at or above the oldest one any
-# group still needs (the first after its last-delivered id, or its oldest pending entry). KEYS: uploads. ARGV: keep_ms.
-# Returns the number of entries trimmed.
+# Retention: trim ended uploads older than keep_ms from the head of the stream, never one the ledger does not
+# know, and never an entry at or above the oldest one any group still needs (the first after its
+# last-delivered id, or its oldest pending entry). The walk reads entries one at a time (at most max_entries
+# and about max_bytes of them per call). The trimmed ids leave the ledger, and the state hash records how far
+# the trim got: two writes, so a trim is one MULTI/EXEC block in the append-only file and replays only
+# together with blocks (see the ledger, above). Returns the number of entries trimmed.
 _TRIM_LUA = _LUA_COMMON + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local uploads, done, state = KEYS[1], KEYS[2], KEYS[3]
+local keep_ms, max_entries, max_bytes, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+if redis.call('EXISTS', uploads) == 0 or not holds(done, 'hash') or not holds(state, 'hash') then return 0 end
 local floor = nil
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', uploads)) do
   local info = {}
   for i = 1, #g - 1, 2 do info[g[i]] = g[i + 1] end
   local need = next_id(info['last-delivered-id'])  -- everything up to the last delivered one
-  local p = redis.call('XPENDING', KEYS[1], info['name'])
+  local p = redis.call('XPENDING', uploads, info['name'])
   if p[1] > 0 and id_lt(p[2], need) then need = p[2] end
   if floor == nil or id_lt(need, floor) then floor = need end
 end
 if floor == nil then return 0 end
 local t = redis.call('TIME')
-local cutoff_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
+local cutoff_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - keep_ms
 if cutoff_ms <= 0 then return 0 end
 local cutoff = string.format('%d-0', cutoff_ms)
 if id_lt(cutoff, floor) then floor = cutoff end
-return redis.call('XTRIM', KEYS[1], 'MINID', floor)
+local ids, bytes, stop, start = {}, 0, nil, '-'
+for _ = 1, max_entries do
+  local r = redis.call('XRANGE', uploads, start, '+', 'COUNT', 1)
+  if #r == 0 then break end
+  local id, fields = r[1][1], r[1][2]
+  if not id_lt(id, floor) or not ended(done, prefix, id, fields) then
+    stop = id
+    break
+  end
+  ids[#ids + 1] = id
+  start = '(' .. id
+  bytes = bytes + entry_size(fields)
+  if bytes >= max_bytes then break end
+end
+if #ids == 0 then return 0 end
+local minid = stop or next_id(ids[#ids])
+for i = 1, #ids, 1000 do
+  redis.call('HDEL', done, unpack(ids, i, math.min(i + 999, #ids)))
+end
+redis.call('HSET', state, 'trimmed_below', minid)
+return redis.call('XTRIM', uploads, 'MINID', minid)
+"""
+
+# The audit: after Redis changed (its run_id differs from the one the caller saw: a restart, a failover), walk
+# the group's delivered entries from the stream's start and make every one that is neither pending nor ended
+# pending again (to this consumer, idle for long, delivered 0 times), so the next reclaim takes it. A walk is
+# resumed from a cursor, at most max_entries and about max_bytes per call. ARGV: group, consumer, run_id seen,
+# cursor ('-' for the start), max_entries, max_bytes, idle_ms, prefix. Returns {run_id, cursor, found,
+# caught_up (1 when the walk reached the group's last-delivered id)}.
+_AUDIT_LUA = _LUA_COMMON + """
+local uploads, done = KEYS[1], KEYS[2]
+local group, consumer, seen, cursor = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local max_entries, max_bytes, idle_ms, prefix = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
+-- INFO needs a right some ACLs withhold (@dangerous): without it every step sees the same "Redis", so the walk
+-- runs once per consumer start (check_server warns)
+local info = redis.pcall('INFO', 'server')
+local run_id = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or 'unknown'
+if run_id ~= seen then cursor = '-' end
+if redis.call('EXISTS', uploads) == 0 or not holds(done, 'hash') then return {run_id, cursor, 0, 1} end
+local last = nil
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', uploads)) do
+  local info = {}
+  for i = 1, #g - 1, 2 do info[g[i]] = g[i + 1] end
+  if info['name'] == group then last = info['last-delivered-id'] end
+end
+if not last then return {run_id, cursor, 0, 1} end
+local found, bytes, caught_up = 0, 0, 0
+for _ = 1, max_entries do
+  local start = cursor
+  if start ~= '-' then start = '(' .. cursor end
+  local r = redis.call('XRANGE', uploads, start, last, 'COUNT', 1)
+  if #r == 0 then
+    caught_up = 1
+    break
+  end
+  local id, fields = r[1][1], r[1][2]
+  cursor = id
+  if not times_delivered(uploads, group, id) and not ended(done, prefix, id, fields) then
+    redis.call('XCLAIM', uploads, group, consumer, 0, id, 'IDLE', idle_ms, 'RETRYCOUNT', 0, 'FORCE', 'JUSTID')
+    found = found + 1
+  end
+  bytes = bytes + entry_size(fields)
+  if bytes >= max_bytes then break end
+end
+return {run_id, cursor, found, caught_up}
+"""
+
+# Consumers that left the group's list behind them (killed, restarted under a new name): a consumer that has
+# nothing pending and has not been heard from in max_idle_ms is deleted (deleting one with pending entries
+# would drop them). ARGV: group, max_idle_ms, our own name. Returns how many were deleted.
+_FORGET_LUA = """
+local uploads, group, max_idle, me = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
+if redis.call('EXISTS', uploads) == 0 then return 0 end
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', uploads, group)
+if not ok then return 0 end
+local n = 0
+for _, c in ipairs(consumers) do
+  local info = {}
+  for i = 1, #c - 1, 2 do info[c[i]] = c[i + 1] end
+  if info['name'] ~= me and tonumber(info['pending']) == 0 and tonumber(info['idle']) >= max_idle then
+    redis.call('XGROUP', 'DELCONSUMER', uploads, group, info['name'])
+    n = n + 1
+  end
+end
+return n
 """
 
 
 ENTRY_FIELD_COST = 64  # bytes an entry's field costs a consumer beyond its name and value
+# the trim and the audit read entries to walk the stream: per call at most this many, and about these bytes
+TRIM_MAX_ENTRIES, TRIM_MAX_BYTES = 10_000, 64 << 20
+AUDIT_MAX_ENTRIES, AUDIT_MAX_BYTES = 2_000, 64 << 20
+FORGOTTEN_IDLE_MS = 10**10  # a forgotten upload made pending again looks idle this long: any reclaim takes it
 MAX_ENTRY_FIELDS = 256  # an entry with more fields is dead-lettered (too_large) unread
-for _name in ("_DEAD_LUA", "_COMPLETE_LUA", "_READ_LUA", "_CLAIM_LUA", "_TOUCH_LUA", "_TRIM_LUA"):
+for _name in ("_DEAD_LUA", "_COMPLETE_LUA", "_READ_LUA", "_CLAIM_LUA", "_TOUCH_LUA", "_TRIM_LUA", "_AUDIT_LUA"):
     globals()[_name] = globals()[_name].replace("@HALF_FIELD_COST@", str(ENTRY_FIELD_COST // 2)).replace(
         "@MAX_ENTRY_FIELDS@", str(MAX_ENTRY_FIELDS))
 
@@ -417,6 +586,17 @@ class Keys:
     def attempts(self) -> str:
         """Hash: pending upload id -> why its last delivery left it pending (so the dead letter says why)."""
         return f"{self.prefix}attempts"
+
+    @property
+    def done(self) -> str:
+        """Hash, the ledger: upload id -> ``r`` (a result was written) or ``d:<reason>`` (a dead letter), for the
+        uploads still in the stream; written with each outcome, removed with the entry by the trim."""
+        return f"{self.prefix}done"
+
+    @property
+    def state(self) -> str:
+        """Hash of the tagger's own bookkeeping on the stream (``trimmed_below``: the trim's last floor)."""
+        return f"{self.prefix}state"
 
     def result(self, post_id: int | str) -> str:
         return f"{self.prefix}result:{post_id}"
@@ -647,6 +827,9 @@ try('XADD', KEYS[2], 'NOMKSTREAM', '*', 'f', 'v')
 try('XTRIM', KEYS[2], 'MINID', '0-0')
 try('XGROUP', 'CREATE', KEYS[2], 'g', '$')
 try('HGET', KEYS[2], 'f')
+try('HEXISTS', KEYS[2], 'f')
+try('XINFO', 'CONSUMERS', KEYS[2], 'g')
+try('XGROUP', 'DELCONSUMER', KEYS[2], 'g', 'c')
 try('HDEL', KEYS[2], 'f')
 try('HSET', KEYS[2], 'f', 'v')
 try('EXPIRE', KEYS[2], 1)
@@ -708,7 +891,14 @@ def check_server(client, keys: Keys, allow_eviction: bool = False, cluster: bool
     if denied:
         raise RedisSetupError(f"the Redis user may not run {', '.join(_text(d).upper() for d in denied)} on "
                               f"{keys.prefix}*: danmul's scripts need them")
-    kinds = {keys.uploads: "stream", keys.results: "stream", keys.dead: "stream", keys.attempts: "hash"}
+    if not client.eval("return type(redis.pcall('INFO', 'server')) == 'string' and 1 or 0", 0):
+        warnings.append("the Redis user may not run INFO from a script (an ACL without @dangerous): after a Redis "
+                        "restart or failover, uploads whose delivery Redis forgot are found only when a consumer "
+                        "restarts. Allow it with +info")
+    if not cluster and (warning := replay_warning(client, keys)):
+        warnings.append(warning)
+    kinds = {keys.uploads: "stream", keys.results: "stream", keys.dead: "stream", keys.attempts: "hash",
+             keys.done: "hash", keys.state: "hash"}  # fmt: skip
     for key, kind in kinds.items():
         found = _text(client.type(key))
         if found not in ("none", kind):
@@ -726,6 +916,42 @@ def check_server(client, keys: Keys, allow_eviction: bool = False, cluster: bool
             warnings.append(f"other consumer group(s) {others} read {keys.uploads}: the stream is trimmed only "
                             "below what every group has read")
     return warnings
+
+
+# What danmul's scripts write, as Redis logs their effects: the commands an append-only file replays inside
+# MULTI/EXEC blocks, checked against the default user's permissions by replay_warning.
+_REPLAYED = (("XADD", "{dead}", "*", "f", "v"), ("XACK", "{uploads}", "g", "0-1"),
+             ("XCLAIM", "{uploads}", "g", "c", "0", "0-1"), ("XTRIM", "{uploads}", "MINID", "0-1"),
+             ("XGROUP", "SETID", "{uploads}", "g", "0-1"), ("HSET", "{done}", "f", "v"), ("HDEL", "{done}", "f"),
+             ("DEL", "{result}"), ("PEXPIREAT", "{result}", "1"))  # fmt: skip
+
+
+def replay_warning(client, keys: Keys) -> str | None:
+    """A warning when this Redis would drop danmul's writes as it replays its append-only file, else None.
+    Redis 7.0-7.4 (and later releases without the fix of redis/redis#14541; Valkey until valkey#3983) replay
+    the file as the default user and re-check that user's permissions at every EXEC: plain commands replay,
+    MULTI/EXEC blocks (every script that wrote more than one command) are dropped, each with a CRITICAL log
+    line. Says nothing when the user may not look (CONFIG GET, ACL DRYRUN) or the file is off."""
+    try:
+        aof = client.config_get("appendonly")
+        if _text(aof.get("appendonly", aof.get(b"appendonly", ""))) != "yes":
+            return None
+        names = {"uploads": keys.uploads, "dead": keys.dead, "done": keys.done, "result": keys.result(0)}
+        denied = []
+        for command in _REPLAYED:
+            answer = _text(client.execute_command("ACL", "DRYRUN", "default", *(a.format(**names) for a in command)))
+            if answer != "OK":
+                denied.append(command[0])
+    except (redis.ResponseError, *AUTH_ERRORS):
+        return None
+    if not denied:
+        return None
+    return (f"this Redis replays its append-only file as the default user, which may not run {', '.join(denied)} "
+            f"on {keys.prefix}*: on Redis 7.0-7.4 a restart would drop every multi-command write of danmul "
+            "(results, acknowledgements, trims) and keep the rest (redis/redis#14541). danmul recovers the uploads "
+            "this leaves behind, but tags them again; keep the default user off and give it every permission: "
+            "'user default off ~* &* +@all' in the ACL file (ACL SETUSER default off ~* &* +@all), see "
+            "docs/security.md")
 
 
 def found_stream(client, keys: Keys) -> bool:
@@ -792,10 +1018,43 @@ class DeadLettered:
 
 @dataclass
 class Delivery:
-    """What one read or reclaim brought: uploads to work on, and uploads the script ended as dead letters."""
+    """What one read or reclaim brought: uploads to work on, uploads the script ended as dead letters, and how
+    many it acknowledged because they had already ended (their outcome was written while Redis had forgotten
+    their delivery)."""
 
     uploads: list[Upload] = field(default_factory=list)
     dead: list[DeadLettered] = field(default_factory=list)
+    ended: int = 0
+
+
+class Ended(int):
+    """What a script that ends an upload did: ``WRITTEN``; ``SUPERSEDED`` (the results entry written, the result
+    hash kept: it holds a newer upload's result); ``ALREADY`` (another delivery had ended it: nothing written);
+    ``GONE`` (the entry is no longer in the stream and the ledger does not know it: it ended and was trimmed,
+    was deleted, or Redis lost it; nothing written). ``recovered``: the upload was no longer pending because
+    Redis had forgotten its delivery, and its outcome was written all the same. True when something was
+    written."""
+
+    ALREADY, WRITTEN, SUPERSEDED, GONE = 0, 1, 2, 3
+    recovered: bool
+
+    def __new__(cls, status: int, recovered: bool = False) -> Ended:
+        obj = super().__new__(cls, status)
+        obj.recovered = bool(recovered)
+        return obj
+
+    def __bool__(self) -> bool:
+        return self in (Ended.WRITTEN, Ended.SUPERSEDED)
+
+
+@dataclass
+class Audit:
+    """Where the audit of forgotten deliveries stands (see ``_AUDIT_LUA``): the Redis run it last saw, its
+    cursor, and whether it is caught up."""
+
+    run_id: str = ""
+    cursor: str = "-"
+    caught_up: bool = False
 
 
 def _text(value) -> str:
@@ -834,7 +1093,15 @@ class AsyncUploadQueue:
         self._claim = self.client.register_script(_CLAIM_LUA)
         self._trim = self.client.register_script(_TRIM_LUA)
         self._touch = self.client.register_script(_TOUCH_LUA)
+        self._audit = self.client.register_script(_AUDIT_LUA)
+        self._forget = self.client.register_script(_FORGET_LUA)
         self._cursor = "0-0"  # XAUTOCLAIM's: each reclaim continues the scan where the last one stopped
+        self.audit_state = Audit()
+
+    @property
+    def _io_keys(self) -> list[str]:
+        """The keys of the scripts that read and end uploads."""
+        return [self.keys.uploads, self.keys.dead, self.keys.attempts, self.keys.done]
 
     @property
     def _dead_caps(self) -> list:
@@ -853,56 +1120,55 @@ class AsyncUploadQueue:
         """New entries for this consumer: at most ``count``, and no more than one past ``budget_bytes`` of
         entry data. Does not block: an empty Delivery means nothing is waiting. An entry over
         ``max_entry_bytes`` comes back dead-lettered (``too_large``), its body never sent here."""
-        keys = [self.keys.uploads, self.keys.dead, self.keys.attempts]
         args = [self.group, self.consumer, count, self.max_entry_bytes, max(1, budget_bytes), *self._dead_caps]
         try:
-            uploads, dead = await self._read(keys=keys, args=args)
+            uploads, dead, ended = await self._read(keys=self._io_keys, args=args)
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):  # the stream or group was deleted (or Redis lost it): recreate
                 raise
             await self.ensure_group()
             return Delivery()
-        return Delivery([Upload(_text(i), _fields(f), 1, int(n)) for i, f, n in uploads], _dead(dead))
+        return Delivery([Upload(_text(i), _fields(f), 1, int(n)) for i, f, n in uploads], _dead(dead), int(ended))
 
     async def reclaim(self, min_idle_ms: int, count: int, budget_bytes: int, max_deliveries: int) -> Delivery:
         """Take over entries pending longer than ``min_idle_ms`` (their consumer died or hung), with their
         delivery counts, continuing the scan where the last call stopped. Entries delivered
         ``max_deliveries`` times already, deleted from the stream while pending, or too large come back
         dead-lettered (see ``_CLAIM_LUA``)."""
-        keys = [self.keys.uploads, self.keys.dead, self.keys.attempts]
         args = [self.group, self.consumer, min_idle_ms, self._cursor, count, self.max_entry_bytes, max(1, budget_bytes),
                 max_deliveries, *self._dead_caps]  # fmt: skip
         try:
-            cursor, uploads, dead = await self._claim(keys=keys, args=args)
+            cursor, uploads, dead, ended = await self._claim(keys=self._io_keys, args=args)
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise
             await self.ensure_group()
             return Delivery()
         self._cursor = _text(cursor)
-        return Delivery([Upload(_text(i), _fields(f), int(d), int(n)) for i, f, n, d in uploads], _dead(dead))
+        return Delivery([Upload(_text(i), _fields(f), int(d), int(n)) for i, f, n, d in uploads], _dead(dead),
+                        int(ended))
 
     async def complete(self, upload: Upload, post_id: int, result: Mapping[str, str],
-                       summary: Mapping[str, str]) -> int:
-        """Write the result hash and a ``results`` entry, then acknowledge, atomically. Returns 1 when
-        written; 2 when the hash already held a newer upload's result for this post (kept; the ``results``
-        entry is written with ``superseded``); 0 when another delivery of the same upload already ended
-        it (nothing is written)."""
+                       summary: Mapping[str, str]) -> Ended:
+        """Write the result hash and a ``results`` entry, record the outcome in the ledger, then acknowledge,
+        atomically. See :class:`Ended` for what it returns."""
         hash_fields = [x for kv in result.items() if kv[0] != "upload_id" for x in kv]
         entry = [x for kv in {"post_id": str(post_id), "upload_id": upload.entry_id, **summary}.items() for x in kv]
         args = [self.group, upload.entry_id, self.result_ttl_s, self.results_maxlen, len(hash_fields), *hash_fields,
                 len(entry), *entry]  # fmt: skip
-        keys = [self.keys.uploads, self.keys.result(post_id), self.keys.results, self.keys.attempts]
-        return int(await self._complete(keys=keys, args=args))
+        keys = [self.keys.uploads, self.keys.result(post_id), self.keys.results, self.keys.attempts, self.keys.done]
+        status, recovered = await self._complete(keys=keys, args=args)
+        return Ended(int(status), bool(int(recovered)))
 
-    async def dead_letter(self, upload: Upload | str, reason: str, detail: str = "") -> bool:
-        """Move an upload to the dead-letter stream with its reason, then acknowledge, atomically. The
-        script copies the upload's fields from the stream itself (capped in number and size), so this
-        works by id alone. False when another delivery already ended the upload."""
+    async def dead_letter(self, upload: Upload | str, reason: str, detail: str = "") -> Ended:
+        """Move an upload to the dead-letter stream with its reason, record it in the ledger, then acknowledge,
+        atomically. The script copies the upload's fields from the stream itself (capped in number and size),
+        so this works by id alone. See :class:`Ended` for what it returns (false when nothing was written)."""
         entry_id = upload.entry_id if isinstance(upload, Upload) else upload
         args = [self.group, entry_id, self.dead_maxlen, reason, detail[:DEAD_MAX_DETAIL], DEAD_MAX_FIELDS,
                 DEAD_MAX_VALUE, DEAD_INLINE_IMAGE_MAX]  # fmt: skip
-        return bool(await self._dead(keys=[self.keys.uploads, self.keys.dead, self.keys.attempts], args=args))
+        status, recovered = await self._dead(keys=self._io_keys, args=args)
+        return Ended(int(status), bool(int(recovered)))
 
     async def record_attempt(self, entry_id: str, reason: str) -> None:
         """Remember why an upload's delivery left it pending; its dead letter names the last such reason
@@ -919,9 +1185,39 @@ class AsyncUploadQueue:
         n, gone = await self._touch(keys=keys, args=[self.group, self.consumer, *self._dead_caps, *entry_ids])
         return int(n), [_text(i) for i in gone]
 
-    async def trim(self, keep_s: float) -> int:
-        """Trim acknowledged uploads older than ``keep_s`` (never one a group still needs); returns how many."""
-        return int(await self._trim(keys=[self.keys.uploads], args=[int(keep_s * 1000)]))
+    async def trim(self, keep_s: float, max_entries: int = TRIM_MAX_ENTRIES, max_bytes: int = TRIM_MAX_BYTES) -> int:
+        """Trim ended uploads older than ``keep_s`` from the head of the stream (never one the ledger does not
+        know, never one a group still needs), at most ``max_entries`` and about ``max_bytes`` of them per call;
+        returns how many."""
+        keys = [self.keys.uploads, self.keys.done, self.keys.state]
+        return int(await self._trim(keys=keys, args=[int(keep_s * 1000), max_entries, max_bytes, self.keys.prefix]))
+
+    async def audit(self, max_entries: int = AUDIT_MAX_ENTRIES, max_bytes: int = AUDIT_MAX_BYTES) -> int:
+        """One step of the audit of forgotten deliveries (see ``_AUDIT_LUA``): when Redis is not the one the last
+        step saw (restarted, failed over; and once at first), walk the group's delivered entries and make those
+        that are neither pending nor ended pending again, idle, for the next reclaim. Returns how many it
+        found; ``audit_state.caught_up`` says whether the walk is done. When Redis changed, the reclaim's scan
+        starts again from the beginning too."""
+        st = self.audit_state
+        args = [self.group, self.consumer, st.run_id, st.cursor, max_entries, max_bytes, FORGOTTEN_IDLE_MS,
+                self.keys.prefix]  # fmt: skip
+        try:
+            run_id, cursor, found, caught_up = await self._audit(keys=[self.keys.uploads, self.keys.done], args=args)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            await self.ensure_group()
+            return 0
+        if _text(run_id) != st.run_id:
+            self._cursor = "0-0"
+        self.audit_state = Audit(_text(run_id), _text(cursor), bool(int(caught_up)))
+        return int(found)
+
+    async def forget_consumers(self, max_idle_s: float) -> int:
+        """Delete the group's consumers that have nothing pending and were not heard from in ``max_idle_s`` (the
+        names of killed or restarted consumers); returns how many."""
+        args = [self.group, int(max_idle_s * 1000), self.consumer]
+        return int(await self._forget(keys=[self.keys.uploads], args=args))
 
     async def stats(self) -> GroupStats:
         """The group's counts (XINFO GROUPS and XLEN only: XINFO STREAM would send the stream's first and

@@ -12,68 +12,11 @@ import time
 
 import pytest
 import redis
+from consumer_harness import POISON, FakeModel, consume, harness
 
 from ingest.queue import Keys, enqueue
 
 pytestmark = pytest.mark.integration
-GOOD = {"characters": [["miku", 0.9]], "tags": {"solo": 0.8}, "model": "m", "abstained": False,
-        "best_character": ["miku", 0.9]}  # fmt: skip
-POISON = b"kills the replica"
-
-
-class FakeModel:
-    """``model.tag_many.remote(images, tags)`` as the consumer calls it: answers after ``delay`` seconds, or
-    raises ActorDiedError (as a handle does when the replica died) when the poison bytes are in the call."""
-
-    def __init__(self, delay: float = 0.0):
-        self.tag_many, self.delay, self.calls = self, delay, []
-
-    def remote(self, images, tags, *args):
-        self.calls.append(len(images))
-
-        async def answer():
-            from ray.exceptions import ActorDiedError
-
-            await asyncio.sleep(self.delay)
-            if any(bytes(i) == POISON for i in images):
-                raise ActorDiedError()
-            return [dict(GOOD) for _ in images]
-
-        return answer()
-
-
-def harness(model: FakeModel, redis_url: str, **settings):
-    """A consumer in this process (call it inside a running event loop); stop it by awaiting
-    ``UploadConsumer.func_or_class.__del__(consumer)``, as Serve does."""
-    from deploy.consumer import UploadConsumer
-
-    class Harness(UploadConsumer.func_or_class):
-        def __del__(self) -> None:  # stopped by awaiting the real one (Serve awaits it the same way)
-            pass
-
-    return Harness(model, {"checkpoint": "m", "redis": redis_url, "metrics_port": 0, **settings})
-
-
-def consume(redis_url: str, model: FakeModel, until, timeout: float = 60, **settings):
-    """Run one consumer until ``until(sync_client)`` holds (or fail after ``timeout``)."""
-    from deploy.consumer import UploadConsumer
-
-    async def main():
-        consumer = harness(model, redis_url, **settings)
-        c = redis.Redis.from_url(redis_url)
-        deadline = time.monotonic() + timeout
-        try:
-            while not until(c):
-                assert time.monotonic() < deadline, "timed out"
-                assert not consumer.loop_task.done(), consumer.loop_task
-                await asyncio.sleep(0.1)
-            return consumer.status()
-        finally:
-            await UploadConsumer.func_or_class.__del__(consumer)
-
-    return asyncio.run(main())
-
-
 def pending(c: redis.Redis, keys: Keys) -> int:
     """Uploads delivered and not acknowledged (0 before the consumer made its group)."""
     try:

@@ -13,6 +13,7 @@ import redis
 
 from ingest.queue import (
     AsyncUploadQueue,
+    Ended,
     Keys,
     RedisSetupError,
     check_server,
@@ -242,8 +243,10 @@ def test_producer_helper_refuses_an_inline_image_over_the_limit(redis_server):
 # -- credentials and server checks -----------------------------------------------------------------------
 @pytest.fixture
 def acl_redis(tmp_path):
-    server = RedisServer(str(tmp_path), args=["--user", "default", "off", "--user", "danmul", "on", ">s3cret",
-                                              "~danmul:*", "&*", "+@all"], username="danmul", password="s3cret")
+    # the default user off, with every permission: the safe form for an append-only file (docs/security.md)
+    acl = ["--user", "default", "off", "~*", "&*", "+@all",
+           "--user", "danmul", "on", ">s3cret", "~danmul:*", "&*", "+@all"]  # fmt: skip
+    server = RedisServer(str(tmp_path), args=acl, username="danmul", password="s3cret")
     server.start()
     yield server
     server.stop()
@@ -359,7 +362,7 @@ def test_an_entry_deleted_while_being_worked_on_is_dead_lettered_by_the_heartbea
     eid, touched, gone, late = run(redis_server.url, scenario)
     c = redis.Redis(port=redis_server.port)
     [(_, dead)] = c.xrange(keys.dead)
-    assert (touched, gone, late) == (0, [eid], 0)
+    assert (touched, gone, late) == (0, [eid], Ended.GONE) and not late  # no longer in the stream: nothing written
     assert dead[b"reason"] == b"deleted" and dead[b"upload_id"].decode() == eid
     assert c.xlen(keys.results) == 0 and pending(c) == 0
 
