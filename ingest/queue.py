@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -656,11 +657,12 @@ def parse_upload(upload: Upload, max_image_bytes: int) -> UploadRequest:
     raw_id = upload.text("post_id")
     if raw_id is None or not raw_id.strip():
         raise BadUpload(MISSING_POST_ID)
-    try:
-        post_id = int(raw_id)
-    except ValueError:
-        raise BadUpload(BAD_POST_ID, f"{raw_id[:40]!r} is not an integer") from None
-    if not 0 <= post_id < 2**63:
+    # ASCII digits only: Python's int() also takes '1_000', ' +77 ' and full-width digits, each of which would
+    # name another key (result:{post_id}) than the one a platform looks up
+    if not _POST_ID.fullmatch(raw_id):
+        raise BadUpload(BAD_POST_ID, f"{raw_id[:40]!r} is not a whole number in ASCII digits")
+    post_id = int(raw_id)
+    if post_id >= 2**63:
         raise BadUpload(BAD_POST_ID, f"{post_id} out of range")
     image = upload.fields.get("image")
     uri = upload.text("image_uri")
@@ -676,6 +678,9 @@ def parse_upload(upload: Upload, max_image_bytes: int) -> UploadRequest:
         except ValueError as e:
             raise BadUpload(BAD_TAGS, str(e)) from None
     return UploadRequest(post_id, uri.strip() if uri and not image else None, image or None, tags)
+
+
+_POST_ID = re.compile(r"[0-9]{1,19}")
 
 
 class RedisSetupError(ValueError):

@@ -27,7 +27,7 @@ PASSWORD = "s3cret"
 # Redis's own security advice (the default user off) as Redis 7.0 replays it: the default user may run nothing,
 # and the replay re-checks its permissions at every EXEC, so every block of danmul's writes is dropped
 UNSAFE_ACL = ["--user", "default", "off", "--user", "danmul", "on", f">{PASSWORD}", "~*", "&*", "+@all"]
-# the safe form (docs/security.md, deploy/redis/users.acl): the default user still off, but with every permission
+# the safe form (docs/security.md, deploy/redis/danmul.conf): the default user still off, with every permission
 SAFE_ACL = ["--user", "default", "off", "~*", "&*", "+@all", "--user", "danmul", "on", f">{PASSWORD}", "~*", "&*",
             "+@all"]  # fmt: skip
 FAST = dict(claim_idle_s=1.0, stream_retention_s=0, trim_interval_s=0.2, max_deliveries=5)
@@ -144,14 +144,23 @@ def test_the_default_users_rights_are_checked_and_the_unsafe_form_is_named(tmp_p
             assert replay_warning(client, KEYS) is None
 
 
-def test_an_append_only_file_replayed_without_its_blocks_loses_no_upload(tmp_path):
-    """148 good and 3 hostile uploads, as in the report: the consumer works through them with trims on, Redis
-    is killed, and its replay keeps the plain commands (XADDs, single-entry reads) and drops every block
-    (results, dead letters, acknowledgements, reads of several entries, trims). Entries then sit behind the
-    group's last-delivered id, not pending, without an outcome: the old protocol trimmed them away. Now every
-    upload ends again, nothing is pending, and the forgotten ones are counted."""
-    server = RedisServer(str(tmp_path), args=[*UNSAFE_ACL, "--appendfsync", "always", "--logfile",
-                                              str(tmp_path / "redis.log")], username="danmul", password=PASSWORD)
+def shipped_config(tmp_path) -> list[str]:
+    """deploy/redis/danmul.conf as an operator installs it: danmul's user given a password."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).parents[2] / "deploy" / "redis" / "danmul.conf").read_text()
+    assert "\nuser danmul off " in text
+    conf = tmp_path / "danmul.conf"
+    conf.write_text(text.replace("\nuser danmul off ", f"\nuser danmul on >{PASSWORD} "))
+    return ["--include", str(conf)]
+
+
+def crash_mid_work(tmp_path, args: list[str]) -> tuple[RedisServer, str, list[str]]:
+    """148 good and 3 hostile uploads, as in the report (waves of one upload, read by single-entry reads that
+    Redis logs as plain commands, between waves of 29, read and ended in blocks), worked through with trims on
+    (retention 0); then Redis is killed and restarted on its files."""
+    server = RedisServer(str(tmp_path), args=[*args, "--logfile", str(tmp_path / "redis.log")], username="danmul",
+                         password=PASSWORD)
     server.start()
     url = f"redis://danmul:{PASSWORD}@127.0.0.1:{server.port}/0"
     c = redis.Redis.from_url(url)
@@ -160,7 +169,6 @@ def test_an_append_only_file_replayed_without_its_blocks_loses_no_upload(tmp_pat
     async def first_run():
         consumer = harness(FakeModel(delay=0.02), url, max_in_flight=16, **FAST)
         try:
-            # waves of one upload (single-entry reads: plain commands) between waves of many (blocks)
             for wave in range(10):
                 size = 1 if wave % 2 else 29
                 ids.extend(burst(c, range(len(ids), len(ids) + size), hostile_every=50))
@@ -170,18 +178,26 @@ def test_an_append_only_file_replayed_without_its_blocks_loses_no_upload(tmp_pat
             await stop(consumer)
 
     asyncio.run(first_run())
-    assert len(ids) == 150  # 147 good, 3 without a post_id
+    assert len(ids) == 150 and len(outcomes(c)) == 150  # 147 good, 3 without a post_id
     server.kill()
     server.start()
+    return server, url, ids
+
+
+def test_an_append_only_file_replayed_without_its_blocks_loses_no_upload(tmp_path):
+    """Redis 7.0's replay under the default user off: plain commands (XADDs, single-entry reads) replay, every
+    block (results, dead letters, acknowledgements, reads of several entries, trims) is dropped. Entries then sit
+    behind the group's last-delivered id, not pending, without an outcome: the old protocol trimmed them away
+    unseen. Now every upload ends again, nothing is pending, and the forgotten ones are counted."""
+    server, url, ids = crash_mid_work(tmp_path, [*UNSAFE_ACL, "--appendfsync", "always"])
     if dropped_blocks(str(tmp_path / "redis.log")) == 0:  # a Redis that replays blocks: drop them ourselves
         server.kill()
         assert drop_transactions(str(tmp_path)) > 0
         server.start()
     c = redis.Redis.from_url(url)
     lost = forgotten(c)
-    assert c.xlen(KEYS.uploads) == len(ids)  # every XADD replayed: Redis still holds every upload
+    assert c.xlen(KEYS.uploads) == len(ids)  # every XADD replayed (and no trim): Redis still holds every upload
     assert lost, "the replay left no upload behind the group's last-delivered id: the test lost its point"
-    assert not outcomes(c) - set(ids)
 
     async def second_run():
         consumer = harness(FakeModel(delay=0.02), url, max_in_flight=16, **FAST)
@@ -198,6 +214,19 @@ def test_an_append_only_file_replayed_without_its_blocks_loses_no_upload(tmp_pat
     dead = {e[b"upload_id"].decode(): e[b"reason"] for _, e in c.xrange(KEYS.dead)}
     assert set(dead.values()) == {b"missing_post_id"}
     server.stop()
+
+
+def test_the_shipped_redis_settings_replay_every_write(tmp_path):
+    """The same work under deploy/redis/danmul.conf: the replay drops nothing, every outcome is still there,
+    nothing is forgotten, and danmul serve has nothing to warn about."""
+    server, url, ids = crash_mid_work(tmp_path, shipped_config(tmp_path))
+    try:
+        c = redis.Redis.from_url(url)
+        assert dropped_blocks(str(tmp_path / "redis.log")) == 0
+        assert outcomes(c) == set(ids) and pending(c) == 0 and c.xlen(KEYS.uploads) == 0
+        assert check_server(c, KEYS, group="danmul-taggers") == []
+    finally:
+        server.stop()
 
 
 # -- a restart from a snapshot taken mid-burst --------------------------------------------------------------

@@ -20,6 +20,12 @@ def up(**fields) -> Upload:
     ({"post_id": " ", "image": b"x"}, "missing_post_id"),
     ({"post_id": "12a", "image": b"x"}, "bad_post_id"),
     ({"post_id": "-3", "image": b"x"}, "bad_post_id"),
+    ({"post_id": "1_000_001", "image": b"x"}, "bad_post_id"),  # int() takes these; they name other keys
+    ({"post_id": " +77 ", "image": b"x"}, "bad_post_id"),
+    ({"post_id": "１２３", "image": b"x"}, "bad_post_id"),  # full-width digits
+    ({"post_id": "42\n", "image": b"x"}, "bad_post_id"),
+    ({"post_id": "9223372036854775808", "image": b"x"}, "bad_post_id"),  # 2**63
+    ({"post_id": "1" * 20, "image": b"x"}, "bad_post_id"),
     ({"post_id": "7"}, "missing_image"),
     ({"post_id": "7", "image_uri": "  "}, "missing_image"),
     ({"post_id": "7", "image": b"x" * (LIMIT + 1)}, "too_large"),
@@ -38,6 +44,7 @@ def test_good_upload_is_parsed():
     assert (req.post_id, req.image_uri, req.image, req.tags) == (42, "s3://b/42.jpg", None, ["1girl", "solo"])
     assert parse_upload(up(post_id="1", image=b"abc"), LIMIT).tags is None  # no tags: image-only
     assert up(post_id="1").enqueued_at == 1700000000.0
+    assert parse_upload(up(post_id="9223372036854775807", image=b"a"), LIMIT).post_id == 2**63 - 1
 
 
 def test_tag_strings_from_uploads():
