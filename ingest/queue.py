@@ -47,8 +47,9 @@ from ingest.tags import parse_tag_string
 
 DEFAULT_PREFIX = "danmul:"
 DEFAULT_GROUP = "danmul-taggers"
-# Streams the platform reads are capped (approximately, which is cheap) so Redis memory stays bounded
-# if nobody trims them; a platform that needs more history should consume them faster.
+# Streams the platform reads are capped (by the tagger's periodic trim, so between two trims they may grow past
+# the cap by what was written meanwhile) so Redis memory stays bounded if nobody trims them; a platform that
+# needs more history should consume them faster.
 RESULTS_MAXLEN = 1_000_000
 DEAD_MAXLEN = 100_000
 DEAD_INLINE_IMAGE_MAX = 1 << 20  # an inline image larger than this is not copied into the dead letter
@@ -225,8 +226,8 @@ end
 # Ending an upload as a dead letter, by id (its fields are copied from the stream).
 _DEAD_LUA = _LUA_COMMON + """
 local uploads, dead, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local group, id, dead_maxlen, reason, detail = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local max_fields, max_value, max_image = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local group, id, reason, detail = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local max_fields, max_value, max_image = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'hash') then
   return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts or ledger hash holds another type')
 end
@@ -241,7 +242,7 @@ else
   delivered, recovered = 1, 1  -- Redis forgot this delivery: the upload has no outcome yet
 end
 local e = dead_fields(id, fields, reason, detail, delivered, max_fields, max_value, max_image)
-redis.call('XADD', dead, 'MAXLEN', '~', dead_maxlen, '*', unpack(e))
+redis.call('XADD', dead, '*', unpack(e))
 if #fields > 0 then redis.call('HSET', done, id, 'd:' .. reason) end
 redis.call('HDEL', attempts, id)
 redis.call('XACK', uploads, group, id)
@@ -255,7 +256,7 @@ return {1, recovered}
 # more: nothing written); recovered 1 when Redis had forgotten the delivery.
 _COMPLETE_LUA = _LUA_COMMON + """
 local uploads, result, results, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local group, id, ttl, results_maxlen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local group, id, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if not holds(result, 'hash') or not holds(results, 'stream') or not holds(attempts, 'hash')
     or not holds(done, 'hash') then
   return redis.error_reply('WRONGTYPE danmul: a result key or the ledger holds another type')
@@ -266,24 +267,24 @@ if not times_delivered(uploads, group, id) then
   if #redis.call('XRANGE', uploads, id, id) == 0 then return {3, 0} end
   recovered = 1
 end
-local n = tonumber(ARGV[5])
-local m = tonumber(ARGV[6 + n])
+local n = tonumber(ARGV[4])
+local m = tonumber(ARGV[5 + n])
 local current = redis.call('HGET', result, 'upload_id')
 local newest = (not current) or not id_lt(id, current)
 if newest then
   local hash = {}
-  for i = 1, n do hash[i] = ARGV[5 + i] end
+  for i = 1, n do hash[i] = ARGV[4 + i] end
   redis.call('DEL', result)
   redis.call('HSET', result, 'upload_id', id, unpack(hash))
   if ttl > 0 then redis.call('EXPIRE', result, ttl) end
 end
 local entry = {}
-for i = 1, m do entry[i] = ARGV[6 + n + i] end
+for i = 1, m do entry[i] = ARGV[5 + n + i] end
 if not newest then
   entry[#entry + 1] = 'superseded'
   entry[#entry + 1] = '1'
 end
-redis.call('XADD', results, 'MAXLEN', '~', results_maxlen, '*', unpack(entry))
+redis.call('XADD', results, '*', unpack(entry))
 redis.call('HSET', done, id, 'r')
 redis.call('HDEL', attempts, id)
 redis.call('XACK', uploads, group, id)
@@ -300,15 +301,17 @@ _READ_LUA = _LUA_COMMON + """
 local uploads, dead, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, consumer, count, max_entry, budget = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
                                                   tonumber(ARGV[5])
-local dead_maxlen, max_fields, max_value, max_image = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]),
-                                                      tonumber(ARGV[9])
+local max_fields, max_value, max_image = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'hash') then
   return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts or ledger hash holds another type')
 end
-local out, buried, total, skipped = {}, {}, 0, 0
+local out, buried, total, skipped, drained = {}, {}, 0, 0, false
 for _ = 1, count do
   local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', uploads, '>')
-  if not r then break end
+  if not r then
+    drained = true
+    break
+  end
   local id, fields = r[1][2][1][1], r[1][2][1][2]
   if redis.call('HEXISTS', done, id) == 1 then
     redis.call('XACK', uploads, group, id)
@@ -317,7 +320,7 @@ for _ = 1, count do
     local detail = unreadable(fields, max_entry)
     if detail then
       local e = dead_fields(id, fields, 'too_large', detail, 1, max_fields, max_value, max_image)
-      redis.call('XADD', dead, 'MAXLEN', '~', dead_maxlen, '*', unpack(e))
+      redis.call('XADD', dead, '*', unpack(e))
       redis.call('HSET', done, id, 'd:too_large')
       redis.call('XACK', uploads, group, id)
       buried[#buried + 1] = {id, 'too_large', detail}
@@ -327,6 +330,20 @@ for _ = 1, count do
     out[#out + 1] = {id, fields, size}
     total = total + size
     if total >= budget then break end
+  end
+end
+-- Nothing after the group's last-delivered id: nothing waits, so its lag is 0. Redis counts the lag as entries
+-- added minus entries read, and a replay or a replica does not carry the group's read counter (reads are
+-- logged as XCLAIM ... LASTID), so after one the count can stay above 0 for good: set it right.
+if drained then
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', uploads)) do
+    local info = {}
+    for i = 1, #g - 1, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == group and type(info['lag']) == 'number' and info['lag'] > 0
+        and type(info['entries-read']) == 'number' then
+      redis.call('XGROUP', 'SETID', uploads, group, info['last-delivered-id'], 'ENTRIESREAD',
+                 info['entries-read'] + info['lag'])
+    end
   end
 end
 return {out, buried, skipped}
@@ -345,8 +362,7 @@ local uploads, dead, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, consumer, min_idle, cursor = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local count, max_entry, budget, max_deliveries = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
                                                  tonumber(ARGV[8])
-local dead_maxlen, max_fields, max_value, max_image = ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]),
-                                                      tonumber(ARGV[12])
+local max_fields, max_value, max_image = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
 if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'hash') then
   return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts or ledger hash holds another type')
 end
@@ -354,7 +370,7 @@ local out, buried, total, skipped = {}, {}, 0, 0
 -- a dead letter; in_stream: the entry is still in the stream (then it is acknowledged and in the ledger)
 local function bury(id, fields, reason, detail, delivered, in_stream)
   local e = dead_fields(id, fields, reason, detail, delivered, max_fields, max_value, max_image)
-  redis.call('XADD', dead, 'MAXLEN', '~', dead_maxlen, '*', unpack(e))
+  redis.call('XADD', dead, '*', unpack(e))
   redis.call('HDEL', attempts, id)
   if in_stream then
     redis.call('HSET', done, id, 'd:' .. reason)
@@ -410,17 +426,17 @@ return {cursor, out, buried, skipped}
 # Heartbeat: reset the idle time of uploads this consumer is still working on (XCLAIM JUSTID neither counts
 # a delivery nor loads the entry), so a slow upload is not reclaimed from under a live consumer. Only
 # entries still pending to this consumer are touched; one deleted from the stream meanwhile (which XCLAIM
-# drops from the pending list) gets its `deleted` dead letter here. ARGV: group, consumer, dead maxlen,
-# max_fields, max_value, max_image, ids... Returns {touched, deleted ids}.
+# drops from the pending list) gets its `deleted` dead letter here. ARGV: group, consumer, max_fields, max_value,
+# max_image, ids... Returns {touched, deleted ids}.
 _TOUCH_LUA = _LUA_COMMON + """
 local uploads, dead, attempts = KEYS[1], KEYS[2], KEYS[3]
-local group, consumer, dead_maxlen = ARGV[1], ARGV[2], ARGV[3]
-local max_fields, max_value, max_image = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local group, consumer = ARGV[1], ARGV[2]
+local max_fields, max_value, max_image = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 if not holds(dead, 'stream') or not holds(attempts, 'hash') then
   return redis.error_reply('WRONGTYPE danmul: the dead-letter stream or attempts hash holds another type')
 end
 local n, gone = 0, {}
-for i = 7, #ARGV do
+for i = 6, #ARGV do
   local id = ARGV[i]
   local p = redis.call('XPENDING', uploads, group, id, id, 1)
   if #p == 1 and p[1][2] == consumer then
@@ -428,7 +444,7 @@ for i = 7, #ARGV do
     if #redis.call('XCLAIM', uploads, group, consumer, 0, id, 'JUSTID') == 0 then
       local e = dead_fields(id, {}, 'deleted', 'deleted from the uploads stream while pending', p[1][4],
                             max_fields, max_value, max_image)
-      redis.call('XADD', dead, 'MAXLEN', '~', dead_maxlen, '*', unpack(e))
+      redis.call('XADD', dead, '*', unpack(e))
       redis.call('HDEL', attempts, id)
       gone[#gone + 1] = id
     else
@@ -444,11 +460,34 @@ return {n, gone}
 # last-delivered id, or its oldest pending entry). The walk reads entries one at a time (at most max_entries
 # and about max_bytes of them per call). The trimmed ids leave the ledger, and the state hash records how far
 # the trim got: two writes, so a trim is one MULTI/EXEC block in the append-only file and replays only
-# together with blocks (see the ledger, above). Returns the number of entries trimmed.
+# together with blocks (see the ledger, above). The same script caps the results and dead-letter streams at
+# about their maximum length, by XTRIM MINID: an approximate MAXLEN is logged as an exact length (the stream's
+# length then), which cuts other entries when a replay rebuilds another history (blocks dropped by one
+# restart and replayed by the next), while a MINID cuts only what was already older than what it kept.
+# Returns {uploads trimmed, results capped, dead letters capped}.
 _TRIM_LUA = _LUA_COMMON + """
-local uploads, done, state = KEYS[1], KEYS[2], KEYS[3]
+local uploads, done, state, results, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local keep_ms, max_entries, max_bytes, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-if redis.call('EXISTS', uploads) == 0 or not holds(done, 'hash') or not holds(state, 'hash') then return 0 end
+local results_maxlen, dead_maxlen = tonumber(ARGV[5]), tonumber(ARGV[6])
+-- the oldest entries of a stream over maxlen, up to max_entries and about max_bytes of them, removed by MINID
+local function cap(stream, maxlen)
+  if redis.call('TYPE', stream)['ok'] ~= 'stream' then return 0 end
+  local excess = redis.call('XLEN', stream) - maxlen
+  local last, bytes, start = nil, 0, '-'
+  for _ = 1, math.min(excess, max_entries) do
+    local r = redis.call('XRANGE', stream, start, '+', 'COUNT', 1)
+    if #r == 0 then break end
+    last, start = r[1][1], '(' .. r[1][1]
+    bytes = bytes + entry_size(r[1][2])
+    if bytes >= max_bytes then break end
+  end
+  if not last then return 0 end
+  return redis.call('XTRIM', stream, 'MINID', next_id(last))
+end
+local capped_results, capped_dead = cap(results, results_maxlen), cap(dead, dead_maxlen)
+if redis.call('EXISTS', uploads) == 0 or not holds(done, 'hash') or not holds(state, 'hash') then
+  return {0, capped_results, capped_dead}
+end
 local floor = nil
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', uploads)) do
   local info = {}
@@ -458,10 +497,10 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', uploads)) do
   if p[1] > 0 and id_lt(p[2], need) then need = p[2] end
   if floor == nil or id_lt(need, floor) then floor = need end
 end
-if floor == nil then return 0 end
+if floor == nil then return {0, capped_results, capped_dead} end
 local t = redis.call('TIME')
 local cutoff_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - keep_ms
-if cutoff_ms <= 0 then return 0 end
+if cutoff_ms <= 0 then return {0, capped_results, capped_dead} end
 local cutoff = string.format('%d-0', cutoff_ms)
 if id_lt(cutoff, floor) then floor = cutoff end
 local ids, bytes, stop, start = {}, 0, nil, '-'
@@ -478,13 +517,13 @@ for _ = 1, max_entries do
   bytes = bytes + entry_size(fields)
   if bytes >= max_bytes then break end
 end
-if #ids == 0 then return 0 end
+if #ids == 0 then return {0, capped_results, capped_dead} end
 local minid = stop or next_id(ids[#ids])
 for i = 1, #ids, 1000 do
   redis.call('HDEL', done, unpack(ids, i, math.min(i + 999, #ids)))
 end
 redis.call('HSET', state, 'trimmed_below', minid)
-return redis.call('XTRIM', uploads, 'MINID', minid)
+return {redis.call('XTRIM', uploads, 'MINID', minid), capped_results, capped_dead}
 """
 
 # The audit: after Redis changed (its run_id differs from the one the caller saw: a restart, a failover), walk
@@ -835,6 +874,7 @@ try('HGET', KEYS[2], 'f')
 try('HEXISTS', KEYS[2], 'f')
 try('XINFO', 'CONSUMERS', KEYS[2], 'g')
 try('XGROUP', 'DELCONSUMER', KEYS[2], 'g', 'c')
+try('XGROUP', 'SETID', KEYS[2], 'g', '$')
 try('HDEL', KEYS[2], 'f')
 try('HSET', KEYS[2], 'f', 'v')
 try('EXPIRE', KEYS[2], 1)
@@ -1110,7 +1150,7 @@ class AsyncUploadQueue:
 
     @property
     def _dead_caps(self) -> list:
-        return [self.dead_maxlen, DEAD_MAX_FIELDS, DEAD_MAX_VALUE, DEAD_INLINE_IMAGE_MAX]
+        return [DEAD_MAX_FIELDS, DEAD_MAX_VALUE, DEAD_INLINE_IMAGE_MAX]
 
     async def ensure_group(self) -> None:
         """Create the stream and the group if they do not exist (the group starts at the stream's start,
@@ -1159,7 +1199,7 @@ class AsyncUploadQueue:
         atomically. See :class:`Ended` for what it returns."""
         hash_fields = [x for kv in result.items() if kv[0] != "upload_id" for x in kv]
         entry = [x for kv in {"post_id": str(post_id), "upload_id": upload.entry_id, **summary}.items() for x in kv]
-        args = [self.group, upload.entry_id, self.result_ttl_s, self.results_maxlen, len(hash_fields), *hash_fields,
+        args = [self.group, upload.entry_id, self.result_ttl_s, len(hash_fields), *hash_fields,
                 len(entry), *entry]  # fmt: skip
         keys = [self.keys.uploads, self.keys.result(post_id), self.keys.results, self.keys.attempts, self.keys.done]
         status, recovered = await self._complete(keys=keys, args=args)
@@ -1170,7 +1210,7 @@ class AsyncUploadQueue:
         atomically. The script copies the upload's fields from the stream itself (capped in number and size),
         so this works by id alone. See :class:`Ended` for what it returns (false when nothing was written)."""
         entry_id = upload.entry_id if isinstance(upload, Upload) else upload
-        args = [self.group, entry_id, self.dead_maxlen, reason, detail[:DEAD_MAX_DETAIL], DEAD_MAX_FIELDS,
+        args = [self.group, entry_id, reason, detail[:DEAD_MAX_DETAIL], DEAD_MAX_FIELDS,
                 DEAD_MAX_VALUE, DEAD_INLINE_IMAGE_MAX]  # fmt: skip
         status, recovered = await self._dead(keys=self._io_keys, args=args)
         return Ended(int(status), bool(int(recovered)))
@@ -1192,10 +1232,13 @@ class AsyncUploadQueue:
 
     async def trim(self, keep_s: float, max_entries: int = TRIM_MAX_ENTRIES, max_bytes: int = TRIM_MAX_BYTES) -> int:
         """Trim ended uploads older than ``keep_s`` from the head of the stream (never one the ledger does not
-        know, never one a group still needs), at most ``max_entries`` and about ``max_bytes`` of them per call;
-        returns how many."""
-        keys = [self.keys.uploads, self.keys.done, self.keys.state]
-        return int(await self._trim(keys=keys, args=[int(keep_s * 1000), max_entries, max_bytes, self.keys.prefix]))
+        know, never one a group still needs), at most ``max_entries`` and about ``max_bytes`` of them per call,
+        and cap the results and dead-letter streams at ``results_maxlen`` and ``dead_maxlen``; returns how many
+        uploads it trimmed."""
+        keys = [self.keys.uploads, self.keys.done, self.keys.state, self.keys.results, self.keys.dead]
+        args = [int(keep_s * 1000), max_entries, max_bytes, self.keys.prefix, self.results_maxlen, self.dead_maxlen]
+        trimmed, _, _ = await self._trim(keys=keys, args=args)
+        return int(trimmed)
 
     async def audit(self, max_entries: int = AUDIT_MAX_ENTRIES, max_bytes: int = AUDIT_MAX_BYTES) -> int:
         """One step of the audit of forgotten deliveries (see ``_AUDIT_LUA``): when Redis is not the one the last

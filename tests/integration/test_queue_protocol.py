@@ -528,3 +528,48 @@ def test_backlog_is_read_in_bounded_slices_and_group_survives_deletion(redis_ser
     first, stats, empty, after = asyncio.run(scenario())
     assert len(first) == 8 and stats.pending == 8 and stats.lag == 42
     assert empty == [] and [u.fields["post_id"] for u in after] == [b"99"]
+
+
+def test_a_stale_lag_is_set_right_once_nothing_waits(redis_server):
+    """A replay or a replica does not carry a group's read counter, so after one Redis can report a lag for good
+    while nothing waits (an alert on it would never clear). A read that finds nothing after the group's
+    last-delivered id sets the counter right; while entries do wait, the lag is left alone."""
+    keys = Keys()
+
+    async def scenario(q, c):
+        for i in range(10):
+            enqueue(c, keys, i, image=b"x")
+        await q.read(4, MB)
+        waiting = c.xinfo_groups(keys.uploads)[0]["lag"]
+        await q.read(64, MB)
+        c.xgroup_setid(keys.uploads, "g", id=c.xinfo_groups(keys.uploads)[0]["last-delivered-id"], entries_read=4)
+        stale = c.xinfo_groups(keys.uploads)[0]["lag"]
+        await q.read(64, MB)
+        return waiting, stale, c.xinfo_groups(keys.uploads)[0]
+
+    waiting, stale, group = run(redis_server.url, scenario)
+    assert (waiting, stale) == (6, 6)
+    assert group["lag"] == 0 and group["entries-read"] == 10 and group["pending"] == 10
+
+
+def test_the_results_and_dead_letter_streams_are_capped_by_the_trim_keeping_the_newest(redis_server):
+    """The platform-facing streams are capped by the periodic trim with XTRIM MINID (an approximate MAXLEN on
+    each XADD was logged as an exact length, which a replay of another history applies to other entries)."""
+    keys = Keys()
+
+    async def scenario(q, c):
+        for i in range(8):
+            enqueue(c, keys, i, image=b"x")
+        for u in (await q.read(64, MB)).uploads:
+            post = int(u.fields["post_id"])
+            if post < 6:
+                await q.complete(u, post, result_fields(PRED), {})
+            else:
+                await q.dead_letter(u, "test")
+        await q.trim(keep_s=3600)
+
+    run(redis_server.url, scenario, results_maxlen=4, dead_maxlen=1)
+    c = redis.Redis(port=redis_server.port)
+    assert [e[b"post_id"] for _, e in c.xrange(keys.results)] == [b"2", b"3", b"4", b"5"]
+    assert [e[b"post_id"] for _, e in c.xrange(keys.dead)] == [b"7"]
+    assert c.xlen(keys.uploads) == 8  # kept for an hour
