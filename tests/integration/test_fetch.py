@@ -297,8 +297,8 @@ def test_http_time_limit_covers_the_whole_fetch(web, path):
     """The server sends a byte every 0.1 s (each read is quick, the whole is not): a per-read timeout would
     wait for all of it and succeed; the fetch's one limit stops it."""
     with pytest.raises(FetchRetry, match=r"no complete answer within 0\.5 s"):
-        http_fetcher(http_timeout_s=0.5).fetch(f"{web}{path}")
-    assert http_fetcher(http_timeout_s=0.5).fetch(f"{web}/img") == IMAGE
+        http_fetcher(timeout_s=0.5).fetch(f"{web}{path}")
+    assert http_fetcher(timeout_s=0.5).fetch(f"{web}/img") == IMAGE
 
 
 def test_https_handshake_counts_against_the_time_limit():
@@ -307,7 +307,7 @@ def test_https_handshake_counts_against_the_time_limit():
         silent.bind(("127.0.0.1", 0))
         silent.listen()  # the kernel completes the TCP handshake; nobody ever reads or writes
         with pytest.raises(FetchRetry, match=r"no complete answer within 0\.5 s"):
-            http_fetcher(http_timeout_s=0.5).fetch(f"https://127.0.0.1:{silent.getsockname()[1]}/img")
+            http_fetcher(timeout_s=0.5).fetch(f"https://127.0.0.1:{silent.getsockname()[1]}/img")
 
 
 def test_http_connects_to_the_address_it_checked(web, monkeypatch):
