@@ -40,8 +40,8 @@ SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 UPLOADS = Counter("danmul_uploads_total", "Uploads finished by a consumer, by outcome: tagged (result written), "
                   "dead_letter, duplicate (another delivery had already finished it)", ["outcome"])
 RETRIES = Counter("danmul_upload_retries_total", "Uploads left pending for another delivery, by reason "
-                  "(fetch_error, model_unavailable, model_timeout, replica_died, redis_error, internal_error)",
-                  ["reason"])
+                  "(fetch_error, fetch_timeout, model_unavailable, model_timeout, replica_died, redis_error, "
+                  "internal_error)", ["reason"])
 DEAD_LETTERS = Counter("danmul_dead_letters_total", "Uploads moved to the dead-letter stream, by reason code",
                        ["reason"])
 STAGE_SECONDS = Histogram("danmul_stage_seconds", "Time per upload in each stage: fetch, decode, inference "

@@ -318,7 +318,7 @@ class UploadConsumer:
             self.metrics.IN_FLIGHT.dec()
 
     async def _process(self, upload) -> None:
-        from ingest.fetch import FetchRetry
+        from ingest.fetch import FETCH_TIMEOUT, FetchRetry
         from ingest.queue import INLINE_IMAGE_MAX, BadUpload, parse_upload
 
         try:
@@ -326,13 +326,21 @@ class UploadConsumer:
             image = req.image
             if image is None:
                 t0 = time.perf_counter()
-                image = await asyncio.to_thread(self.fetcher.fetch, req.image_uri)
+                timeout = self.settings.fetch_timeout_s
+                # the thread gives up at this deadline itself; the wait ends there even when a call in the thread
+                # does not (a thread cannot be killed), and the upload is released either way
+                fetching = asyncio.to_thread(self.fetcher.fetch, req.image_uri, time.monotonic() + timeout)
+                try:
+                    image = await asyncio.wait_for(fetching, timeout)
+                except TimeoutError:
+                    raise FetchRetry(f"{req.image_uri[:200]}: no image within {timeout:g} s",
+                                     reason=FETCH_TIMEOUT) from None
                 self.metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - t0)
         except BadUpload as e:
             await self._dead(upload, e.reason, e.detail)
             return
         except FetchRetry as e:
-            raise LeftPending("fetch_error", str(e)) from None
+            raise LeftPending(e.reason, str(e)) from None
         out = await self._predict(upload, image, req.tags)
         if "error" in out:
             await self._dead(upload, out["error"], out.get("detail", ""))

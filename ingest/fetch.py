@@ -161,7 +161,9 @@ def s3_client_bounds(timeout_s: float) -> dict:
     :func:`ingest.storage.s3_filesystem`). A fetch makes two requests (HEAD, then ranged GETs), each tried
     :data:`S3_ATTEMPTS` times; connect and stall timeouts of a quarter of the deadline each keep an
     endpoint that drops the connection or never answers within it (10 s: 2.5 s each, near the SDK's own
-    1 s and 3 s)."""
+    1 s and 3 s). The client counts a stall in whole seconds, at least one (measured 2026-12-04, an endpoint
+    that never answers: 4.9 s to give up at a 10 s deadline, 2.4 s at 4 s, 2.7 s at 1 s): below about 4 s
+    it may overrun the deadline by a second or two; the caller's wait ends at the deadline regardless."""
     share = timeout_s / (2 * S3_ATTEMPTS)
     return {"connect_timeout_s": share, "stall_timeout_s": share, "attempts": S3_ATTEMPTS}
 
@@ -369,6 +371,7 @@ class ImageFetcher:
             raise BadUpload(UNSUPPORTED_URI, f"{bucket[:70]!r} is not a valid S3 bucket name")
         if any(part in ("", ".", "..") for part in key.split("/")):
             raise BadUpload(UNSUPPORTED_URI, f"{uri[:200]!r}: empty, '.' or '..' path segment in the key")
+        self._in_time(deadline, uri)
         return self._s3_read(self._bucket(bucket), key, uri, deadline)
 
     def _bucket(self, bucket: str) -> Storage:
@@ -386,7 +389,6 @@ class ImageFetcher:
     def _s3_read(self, storage: Storage, key: str, uri: str, deadline: float) -> bytes:
         """The object's size from its HEAD (refused over ``max_bytes`` before any GET), then its body in
         ranged GETs of :data:`S3_READ_CHUNK`, the deadline checked before each."""
-        self._in_time(deadline, uri)
         try:
             with storage.fs.open_input_file(storage.path(key)) as f:
                 size = f.size()
