@@ -46,8 +46,8 @@ RECOVERED = Counter("danmul_uploads_recovered_total", "Uploads Redis had forgott
                     "was written all the same), acknowledgement (marked delivered, with no result or dead letter: "
                     "made pending again)", ["what"])
 RETRIES = Counter("danmul_upload_retries_total", "Uploads left pending for another delivery, by reason "
-                  "(fetch_error, model_unavailable, model_timeout, replica_died, redis_error, internal_error)",
-                  ["reason"])
+                  "(fetch_error, fetch_timeout, model_unavailable, model_timeout, replica_died, redis_error, "
+                  "internal_error)", ["reason"])
 DEAD_LETTERS = Counter("danmul_dead_letters_total", "Uploads moved to the dead-letter stream, by reason code",
                        ["reason"])
 STAGE_SECONDS = Histogram("danmul_stage_seconds", "Time per upload in each stage: fetch, decode, inference "

@@ -18,6 +18,7 @@ with it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -142,7 +143,12 @@ class UploadConsumer:
                                       max_entry_bytes=s.max_entry_bytes)
         roots = [r for r in s.local_roots.split(",") if r.strip()]
         self.fetcher = ImageFetcher(roots, s.allow_http, s.endpoint_url,
-                                    allowed_buckets=default_allowed_buckets(s.checkpoint, s.allowed_buckets))
+                                    allowed_buckets=default_allowed_buckets(s.checkpoint, s.allowed_buckets),
+                                    timeout_s=s.fetch_timeout_s)
+        # fetch threads of their own, one per upload in flight: in asyncio's default pool (a few threads) a fetch
+        # would spend its deadline waiting for a thread behind slow storage, and a thread stuck in a hung network
+        # mount would take one from every other fetch
+        self.fetch_pool = concurrent.futures.ThreadPoolExecutor(s.max_in_flight, thread_name_prefix="fetch")
         self.tasks: set[asyncio.Task] = set()
         self.held_bytes = 0
         self.held: dict[str, int] = {}  # entry id -> bytes, of the uploads being worked on
@@ -384,7 +390,7 @@ class UploadConsumer:
             self.metrics.IN_FLIGHT.dec()
 
     async def _process(self, upload) -> None:
-        from ingest.fetch import FetchRetry
+        from ingest.fetch import FETCH_TIMEOUT, FetchRetry
         from ingest.queue import INLINE_IMAGE_MAX, BadUpload, parse_upload
 
         try:
@@ -392,13 +398,22 @@ class UploadConsumer:
             image = req.image
             if image is None:
                 t0 = time.perf_counter()
-                image = await asyncio.to_thread(self.fetcher.fetch, req.image_uri)
+                timeout = self.settings.fetch_timeout_s
+                # the thread gives up at this deadline itself; the wait ends there even when a call in the thread
+                # does not (a thread cannot be killed), and the upload is released either way
+                fetching = asyncio.get_running_loop().run_in_executor(
+                    self.fetch_pool, self.fetcher.fetch, req.image_uri, time.monotonic() + timeout)
+                try:
+                    image = await asyncio.wait_for(fetching, timeout)
+                except TimeoutError:
+                    raise FetchRetry(f"{req.image_uri[:200]}: no image within {timeout:g} s",
+                                     reason=FETCH_TIMEOUT) from None
                 self.metrics.STAGE_SECONDS.labels("fetch").observe(time.perf_counter() - t0)
         except BadUpload as e:
             await self._dead(upload, e.reason, e.detail)
             return
         except FetchRetry as e:
-            raise LeftPending("fetch_error", str(e)) from None
+            raise LeftPending(e.reason, str(e)) from None
         out = await self._predict(upload, image, req.tags)
         if "error" in out:
             await self._dead(upload, out["error"], out.get("detail", ""))
@@ -561,6 +576,7 @@ class UploadConsumer:
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(self.loop_task), timeout=25.0)
         self.heartbeat_task.cancel()
+        self.fetch_pool.shutdown(wait=False, cancel_futures=True)
         await self.client.aclose()
         with contextlib.suppress(Exception):
             await self.pinger.aclose()

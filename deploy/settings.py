@@ -33,6 +33,9 @@ class ServeSettings:
                 "the checkpoint is on S3; * for any bucket the credentials reach)"})
     allow_http: bool = field(default=False, metadata={
         "help": "fetch http(s):// image URIs (public addresses only, no redirects to private ones)"})
+    fetch_timeout_s: float = field(default=10.0, metadata={  # ingest.fetch.FETCH_TIMEOUT_S
+        "help": "one image fetch by URI (s3://, a local path, http(s)://) that takes longer in all is abandoned and "
+                "the upload left for another delivery (attempts reason fetch_timeout)"})
     address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: start a local one)"})
     consumers: int = field(default=1, metadata={"help": "queue consumer replicas"})
     min_replicas: int = field(default=1, metadata={"help": "model replicas at least"})
@@ -88,7 +91,8 @@ class ServeSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer of at least {low}, not {value!r}")
-        positive = ("claim_idle_s", "model_timeout_s", "trim_interval_s", "http_read_timeout_s", "replica_cpus")
+        positive = ("claim_idle_s", "model_timeout_s", "fetch_timeout_s", "trim_interval_s", "http_read_timeout_s",
+                    "replica_cpus")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):

@@ -1,29 +1,54 @@
 """Fetching an upload's image by URI, with the rules untrusted input needs.
 
+Cheap checks come before costly ones, and nothing touches a filesystem or a network before the URI has
+passed them: first its length (:data:`MAX_URI_CHARS`, else ``uri_too_long``), before anything parses it;
+then its characters (a NUL or another control character: ``unsupported_uri``); then the scheme's own
+rules, below. One deadline covers each fetch (``timeout_s``, :data:`FETCH_TIMEOUT_S` unless set; or the
+caller's ``deadline``): past it the fetch raises :class:`FetchRetry` with reason ``fetch_timeout``.
+
 - ``s3://bucket/key``: object storage (endpoint and credentials as in :mod:`ingest.storage`), only in the
   allowed buckets (``allowed_buckets``; see :func:`default_allowed_buckets`): any other bucket is
   ``forbidden_bucket``, so an upload cannot probe every bucket the credentials reach. A key with an empty,
   ``.`` or ``..`` path segment is refused (``s3://allowed/../other/key`` would otherwise reach ``other``
   through a path-style endpoint).
-- a local path (or ``file://``): only under one of the configured roots, after resolving symlinks
-  and ``..``; anything else is ``forbidden_path``. No roots configured: no local paths at all.
+  A key over 1024 bytes (S3's own limit) is ``uri_too_long``. The S3 client's connect and stall
+  timeouts and its attempts per request are set from the deadline (:func:`s3_client_bounds`), and the
+  deadline is checked between reads of at most :data:`S3_READ_CHUNK` bytes; an object over ``max_bytes``
+  is refused from its size, before its body is read.
+- a local path (or ``file://``): only under one of the configured roots. Checked in this order: its
+  length (PATH_MAX), its number of components and the length of each (NAME_MAX), all
+  ``uri_too_long``; then, without a system call, whether the normalised path lies under a root (as
+  configured or resolved); only then is it resolved (symlinks, ``..``) and checked again. Anything
+  outside is ``forbidden_path``. Only a regular file is opened (a FIFO, a device or a folder is
+  ``not_found``, refused from its ``stat`` before any ``open``), with ``O_NONBLOCK`` and ``O_NOFOLLOW``,
+  and checked again on the open descriptor; it is read in chunks with the deadline checked between them.
+  No roots configured: no local paths at all.
 - ``http(s)://``: off unless enabled (a tagger that fetches any URL it is given is an SSRF hole). When on,
   the host is resolved once and only a public address is connected to (private, loopback, link-local,
   multicast, reserved and unspecified ones, IPv4 and IPv6, IPv4-mapped or embedded, are
   ``forbidden_address``); the request goes to the address that was checked, with the URL's host in the
   ``Host`` header and, for https, in SNI and certificate verification, so a DNS answer that changes
   between the check and the connection cannot redirect it. At most :data:`MAX_REDIRECTS` redirects, each
-  target checked the same way. One time limit covers the whole fetch (connect, TLS, headers, body, every
+  target checked the same way. The fetch's deadline covers all of it (connect, TLS, headers, body, every
   redirect), not each read: a server that trickles bytes cannot hold a fetch longer than that. Environment
   proxies are not used (a proxy would resolve the name itself, past the check). Name resolution itself is
-  bounded by the system resolver's own timeouts.
+  bounded by the system resolver's own timeouts (``/etc/resolv.conf``: 5 s per try by default), not by
+  the deadline.
+
+What the deadline cannot stop inside the calling thread (a thread cannot be killed): a read from a
+hard-mounted network filesystem that stopped answering blocks in the kernel until the mount answers; an
+S3 endpoint that answers, but at 1 byte/s or more, is cut only between reads of :data:`S3_READ_CHUNK`
+bytes; name resolution, as above. A caller that must not wait past the deadline (the streaming consumer)
+stops waiting for the thread at the deadline and releases the upload.
 
 Permanent failures raise :class:`ingest.queue.BadUpload` with a reason code; failures that may pass
 raise :class:`FetchRetry`. Every read is capped at ``max_bytes``.
 
 Reason codes added here (beside those of :mod:`ingest.queue`, whose block they belong to):
-``forbidden_bucket`` (an S3 bucket outside the allowed ones, or one that refuses access: AccessDenied)
-and ``forbidden_address`` (an http(s) target that is not a public address).
+``forbidden_bucket`` (an S3 bucket outside the allowed ones, or one that refuses access: AccessDenied),
+``forbidden_address`` (an http(s) target that is not a public address) and ``uri_too_long`` (over a
+length limit of the URI, an S3 key, a path or a path component). A :class:`FetchRetry` names why the
+upload is left pending: ``fetch_timeout`` (the deadline passed) or ``fetch_error`` (anything else).
 
 How S3 errors are classified: pyarrow's S3 filesystem reads an object with HeadObject, then GetObject. A
 404 to the HEAD (no such key, no such bucket; moto also answers 404 for a name that is not a valid
@@ -50,6 +75,7 @@ the fields, for a replay) instead of leaving them pending.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import io
 import ipaddress
@@ -58,6 +84,7 @@ import re
 import select
 import socket
 import ssl
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -65,20 +92,45 @@ from collections.abc import Collection, Iterable, Sequence
 from urllib.parse import quote, urljoin, urlsplit
 
 from ingest.queue import FORBIDDEN_PATH, NOT_FOUND, UNSUPPORTED_URI, BadUpload
-from ingest.storage import NotFound, Storage, TooLarge, is_s3
+from ingest.storage import Storage, is_s3
 
 # Reason codes of this module (dead letters and backfill error rows), beside ingest.queue's.
 FORBIDDEN_BUCKET = "forbidden_bucket"
 FORBIDDEN_ADDRESS = "forbidden_address"
 TOO_LARGE = "too_large"  # the same code as model.preprocess.ImageError's
+URI_TOO_LONG = "uri_too_long"
+# Why a FetchRetry leaves its upload pending (the attempts hash, danmul_upload_retries_total's reason).
+FETCH_ERROR = "fetch_error"
+FETCH_TIMEOUT = "fetch_timeout"
 
-HTTP_TIMEOUT_S = 10.0  # the whole http(s) fetch, redirects included
+# The whole of one fetch, whatever the scheme (http(s): redirects included). The default of the tagger's and
+# the backfill's --fetch-timeout-s (deploy.settings and ray_jobs.backfill keep their own copy, to stay light
+# to import; a unit test holds them equal).
+FETCH_TIMEOUT_S = 10.0
+# The longest URI looked at, in characters, checked before anything parses it. An http(s) URL in practice
+# is at most a few KB (signed URLs with session tokens run to 2-3 KB; servers refuse request lines over
+# 8 KiB: nginx's large_client_header_buffers, Apache's LimitRequestLine). The other schemes have tighter
+# limits of their own, checked next: an s3:// URI is at most 5 + 255 + 1 + 1024 bytes, a local path at most
+# PATH_MAX - 1 bytes.
+MAX_URI_CHARS = 8192
+MAX_S3_KEY_BYTES = 1024  # S3's own limit on a key: a longer one cannot exist
+MAX_PATH_BYTES = 4095  # Linux's PATH_MAX (4096) less the NUL: open() refuses a longer path (ENAMETOOLONG)
+MAX_NAME_BYTES = 255  # Linux's NAME_MAX: no file name on its filesystems is longer
+# Components of a local path (``/a/b`` has two), before it is resolved: resolving costs a system call per
+# component, and its time grew faster than quadratically with them (2026-12-04, 2-core machine: 1.6 s for
+# 131,072 components, 61 s for 524,288; 256 take under 1 ms). PATH_MAX alone allows 2,048. Upload folders
+# are a few levels deep; 256 leaves the roots room of their own.
+MAX_PATH_COMPONENTS = 256
+LOCAL_READ_CHUNK = 1 << 20  # a local file is read in chunks this large, the deadline checked between them
+S3_READ_CHUNK = 8 << 20  # an object's body is read in ranged GETs this large (an image in one, 32 MiB in four)
+S3_ATTEMPTS = 2  # tries per S3 request (the SDK's default is 3): a third would not fit in the deadline
 MAX_REDIRECTS = 3
 MAX_BUCKET_CLIENTS = 16  # S3 clients kept, one per bucket, least recently used dropped first
 ANY_BUCKET = "*"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")  # C0 controls and DEL: in no URI or path a platform writes
 _AWS_ERROR_RE = re.compile(r"AWS Error (?P<type>[A-Z_]+|\[code \d+\])(?: \(HTTP status (?P<status>\d+)\))?")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _S3_FORBIDDEN = {"ACCESS_DENIED"}
@@ -94,13 +146,26 @@ _S3_TRANSIENT = {
 
 class FetchRetry(RuntimeError):
     """A failure that may pass (storage or network trouble): leave the upload for another delivery.
+    ``reason``: :data:`FETCH_TIMEOUT` when the fetch's deadline passed, else :data:`FETCH_ERROR`.
     ``unreachable`` names the store when nothing answered at all (S3's endpoint refused the connection or
     its name did not resolve, after the client's own retries): its other objects will not answer now
     either, so a caller with many to fetch may leave them for later without waiting on each."""
 
-    def __init__(self, message: str, unreachable: str | None = None):
+    def __init__(self, message: str, unreachable: str | None = None, reason: str = FETCH_ERROR):
         super().__init__(message)
-        self.unreachable = unreachable
+        self.unreachable, self.reason = unreachable, reason
+
+
+def s3_client_bounds(timeout_s: float) -> dict:
+    """The S3 client's time bounds for fetches with a deadline ``timeout_s`` away (options of
+    :func:`ingest.storage.s3_filesystem`). A fetch makes two requests (HEAD, then ranged GETs), each tried
+    :data:`S3_ATTEMPTS` times; connect and stall timeouts of a quarter of the deadline each keep an
+    endpoint that drops the connection or never answers within it (10 s: 2.5 s each, near the SDK's own
+    1 s and 3 s). The client counts a stall in whole seconds, at least one (measured 2026-12-04, an endpoint
+    that never answers: 4.9 s to give up at a 10 s deadline, 2.4 s at 4 s, 2.7 s at 1 s): below about 4 s
+    it may overrun the deadline by a second or two; the caller's wait ends at the deadline regardless."""
+    share = timeout_s / (2 * S3_ATTEMPTS)
+    return {"connect_timeout_s": share, "stall_timeout_s": share, "attempts": S3_ATTEMPTS}
 
 
 def store_of(uri: str) -> str | None:
@@ -120,6 +185,13 @@ def _aws_error(chain: list[BaseException]) -> re.Match | None:
 
 
 _CONNECT_FAILED_RE = re.compile(r" during \w+ operation: curlCode: (6|7)\b")  # could not resolve, could not connect
+
+
+def s3_timed_out(error: BaseException) -> bool:
+    """Whether an S3 read error is the client's own timeout (curl's 28: nothing arrived for the stall
+    timeout, or the connection was not made within the connect timeout)."""
+    m = _aws_error(_chain(error))
+    return m is not None and re.match(r" during \w+ operation: curlCode: 28\b", m.string[m.end():]) is not None
 
 
 def s3_unreachable(error: BaseException) -> bool:
@@ -235,40 +307,63 @@ class ImageFetcher:
 
     ``allowed_buckets``: the s3:// buckets that may be read (None, or a collection holding ``*``: any);
     ``http_allow_networks``: CIDRs an http(s) fetch may reach although they are not public (tests, or an
-    image server on a private network the operator vouches for); ``http_timeout_s``: the total time of one
-    http(s) fetch; ``ssl_context``: how https certificates are verified (default: the system's CAs)."""
+    image server on a private network the operator vouches for); ``timeout_s``: the total time of one
+    fetch, whatever its scheme; ``ssl_context``: how https certificates are verified (default: the
+    system's CAs)."""
 
     def __init__(self, local_roots: Sequence[str] = (), allow_http: bool = False, endpoint_url: str | None = None,
                  max_bytes: int = 32 << 20, *, allowed_buckets: Collection[str] | None = None,
-                 http_allow_networks: Sequence[str] = (), http_timeout_s: float = HTTP_TIMEOUT_S,
+                 http_allow_networks: Sequence[str] = (), timeout_s: float = FETCH_TIMEOUT_S,
                  ssl_context: ssl.SSLContext | None = None):
+        if not 0 < timeout_s < float("inf"):
+            raise ValueError(f"the fetch timeout must be a positive number of seconds, not {timeout_s!r}")
         self.roots = [os.path.realpath(r) for r in local_roots]
+        # the roots as a path names them before it is resolved: as configured, and resolved (a root reached
+        # through a symlink may be named either way)
+        self.named_roots = list(dict.fromkeys([os.path.abspath(r) for r in local_roots] + self.roots))
         self.allow_http, self.endpoint_url, self.max_bytes = allow_http, endpoint_url, max_bytes
         self.allowed_buckets = None if allowed_buckets is None or ANY_BUCKET in allowed_buckets else frozenset(
             allowed_buckets)
         self.http_allow_networks = [ipaddress.ip_network(n, strict=False) for n in http_allow_networks]
-        self.http_timeout_s = http_timeout_s
+        self.timeout_s = timeout_s
         # made once (loading the system's CAs per fetch would cost more than many fetches)
         self.ssl_context = ssl_context or (ssl.create_default_context() if allow_http else None)
         self._buckets: OrderedDict[str, Storage] = OrderedDict()  # one S3 client per bucket, bounded LRU
         self._lock = threading.Lock()
 
-    def fetch(self, uri: str) -> bytes:
+    def fetch(self, uri: str, deadline: float | None = None) -> bytes:
+        """The image ``uri`` names. ``deadline``: a :func:`time.monotonic` time to give up at (default:
+        ``timeout_s`` from now); a caller that also waits with a timeout passes the one it waits for, so
+        the thread gives up when the caller does."""
+        if len(uri) > MAX_URI_CHARS:  # first: everything after this is linear in the length at most
+            raise BadUpload(URI_TOO_LONG, f"{len(uri):,} characters, over {MAX_URI_CHARS:,}: {uri[:100]!r}...")
+        control = _CONTROL_RE.search(uri)
+        if control:
+            what = "a NUL byte" if control.group() == "\0" else f"a control character ({control.group()!r})"
+            raise BadUpload(UNSUPPORTED_URI, f"{what} at {control.start()} in {uri[:200]!r}")
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout_s
         if is_s3(uri):
-            return self._s3(uri)
+            return self._s3(uri, deadline)
         if uri.startswith(("http://", "https://")):
-            return self._http(uri)
+            return self._http(uri, deadline)
         if uri.startswith("file://"):
             uri = uri[len("file://") :]
         if "://" in uri:
             raise BadUpload(UNSUPPORTED_URI, f"scheme of {uri[:200]!r}")
-        return self._local(uri)
+        return self._local(uri, deadline)
+
+    def _in_time(self, deadline: float, uri: str) -> None:
+        if time.monotonic() >= deadline:
+            raise FetchRetry(f"{uri[:200]}: not fetched within {self.timeout_s:g} s", reason=FETCH_TIMEOUT)
 
     # -- s3 -----------------------------------------------------------------------------------------------
-    def _s3(self, uri: str) -> bytes:
+    def _s3(self, uri: str, deadline: float) -> bytes:
         bucket, _, key = uri[len("s3://") :].partition("/")
         if not bucket or not key:
             raise BadUpload(UNSUPPORTED_URI, f"{uri[:200]!r} names no object")
+        if len(key.encode("utf-8", "surrogatepass")) > MAX_S3_KEY_BYTES:
+            raise BadUpload(URI_TOO_LONG, f"{uri[:200]!r}: a key over S3's {MAX_S3_KEY_BYTES} bytes")
         if self.allowed_buckets is not None:
             if bucket not in self.allowed_buckets:
                 raise BadUpload(FORBIDDEN_BUCKET, f"bucket {bucket[:70]!r} is not one uploads may name")
@@ -276,65 +371,128 @@ class ImageFetcher:
             raise BadUpload(UNSUPPORTED_URI, f"{bucket[:70]!r} is not a valid S3 bucket name")
         if any(part in ("", ".", "..") for part in key.split("/")):
             raise BadUpload(UNSUPPORTED_URI, f"{uri[:200]!r}: empty, '.' or '..' path segment in the key")
-        return self._read(self._bucket(bucket), key, uri)
+        self._in_time(deadline, uri)
+        return self._s3_read(self._bucket(bucket), key, uri, deadline)
 
     def _bucket(self, bucket: str) -> Storage:
         with self._lock:
             storage = self._buckets.get(bucket)
             if storage is None:
-                storage = self._buckets[bucket] = Storage(f"s3://{bucket}", self.endpoint_url)
+                storage = self._buckets[bucket] = Storage(f"s3://{bucket}", self.endpoint_url,
+                                                          **s3_client_bounds(self.timeout_s))
                 while len(self._buckets) > MAX_BUCKET_CLIENTS:
                     self._buckets.popitem(last=False)
             else:
                 self._buckets.move_to_end(bucket)
             return storage
 
-    def _read(self, storage: Storage, rel: str, uri: str) -> bytes:
+    def _s3_read(self, storage: Storage, key: str, uri: str, deadline: float) -> bytes:
+        """The object's size from its HEAD (refused over ``max_bytes`` before any GET), then its body in
+        ranged GETs of :data:`S3_READ_CHUNK`, the deadline checked before each."""
         try:
-            return storage.read_bytes(rel, max_bytes=self.max_bytes)
-        except NotFound:
-            raise BadUpload(NOT_FOUND, uri[:200]) from None
-        except TooLarge:
-            raise BadUpload(TOO_LARGE, f"{uri[:200]} is over {self.max_bytes} bytes") from None
+            with storage.fs.open_input_file(storage.path(key)) as f:
+                size = f.size()
+                if size > self.max_bytes:
+                    raise BadUpload(TOO_LARGE, f"{uri[:200]} is over {self.max_bytes} bytes")
+                chunks, got = [], 0
+                while got < size:
+                    self._in_time(deadline, uri)
+                    chunk = f.read(min(S3_READ_CHUNK, size - got))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    got += len(chunk)
+                return b"".join(chunks)
+        except (BadUpload, FetchRetry):
+            raise
         except OSError as e:
             reason = s3_error_reason(e)
             if reason is not None:
                 raise BadUpload(reason, f"{uri[:200]}: {str(e)[:300]}") from None
-            raise FetchRetry(f"{uri[:200]}: {e}", store_of(uri) if s3_unreachable(e) else None) from e
+            raise FetchRetry(f"{uri[:200]}: {e}", store_of(uri) if s3_unreachable(e) else None,
+                             FETCH_TIMEOUT if s3_timed_out(e) else FETCH_ERROR) from e
         except ValueError as e:  # pyarrow.ArrowInvalid: a path pyarrow cannot address
             raise BadUpload(UNSUPPORTED_URI, f"{uri[:200]}: {str(e)[:300]}") from None
 
     # -- local --------------------------------------------------------------------------------------------
-    def _local(self, path: str) -> bytes:
+    def _local(self, path: str, deadline: float) -> bytes:
+        """The cheap checks (``fetch`` did length and characters) in order of cost, each before the next:
+        no system call until the path is known to be short, shallow and, as written, under a root."""
         if not self.roots:
             raise BadUpload(FORBIDDEN_PATH, "local paths are not enabled (no --local-roots)")
-        if "\0" in path:  # os.path.realpath and open() raise on it: a path no file has
-            raise BadUpload(UNSUPPORTED_URI, "a NUL byte in the path")
-        real = os.path.realpath(path)
-        if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in self.roots):
-            raise BadUpload(FORBIDDEN_PATH, f"{path[:200]!r} is outside the allowed roots")
-        if not os.path.isfile(real):
-            raise BadUpload(NOT_FOUND, path[:200])
         try:
-            with open(real, "rb") as f:
-                data = f.read(self.max_bytes + 1)
+            raw = os.fsencode(path)
+        except UnicodeEncodeError:
+            raise BadUpload(UNSUPPORTED_URI, f"{path[:200]!r} cannot be a file name") from None
+        if len(raw) > MAX_PATH_BYTES:
+            raise BadUpload(URI_TOO_LONG, f"a path of {len(raw):,} bytes, over PATH_MAX: {path[:100]!r}...")
+        names = [n for n in raw.split(b"/") if n]
+        if len(names) > MAX_PATH_COMPONENTS:
+            raise BadUpload(URI_TOO_LONG, f"{len(names):,} path components, over {MAX_PATH_COMPONENTS}: "
+                                          f"{path[:100]!r}...")
+        if any(len(n) > MAX_NAME_BYTES for n in names):
+            raise BadUpload(URI_TOO_LONG, f"a path component over NAME_MAX ({MAX_NAME_BYTES} bytes): {path[:100]!r}")
+        if not _under(os.path.abspath(path), self.named_roots):  # lexical: the path as written, normalised
+            raise BadUpload(FORBIDDEN_PATH, f"{path[:200]!r} is outside the allowed roots")
+        real = os.path.realpath(path)  # symlinks and '..' resolved: what the path really names
+        if not _under(real, self.roots):
+            raise BadUpload(FORBIDDEN_PATH, f"{path[:200]!r} is outside the allowed roots")
+        return self._read_file(real, path, deadline)
+
+    def _read_file(self, real: str, path: str, deadline: float) -> bytes:
+        """A regular file, refused otherwise before it is opened (opening a FIFO waits for a writer; a
+        device may do anything), then checked again on the open descriptor (the path may have changed in
+        between), read in chunks with the deadline checked between them."""
+        try:
+            info = os.stat(real)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BadUpload(NOT_FOUND, path[:200]) from None
         except OSError as e:
             raise FetchRetry(f"{path[:200]}: {e}") from e
-        if len(data) > self.max_bytes:
+        if not stat.S_ISREG(info.st_mode):
+            raise BadUpload(NOT_FOUND, f"{path[:200]}: not a regular file")
+        if info.st_size > self.max_bytes:
             raise BadUpload(TOO_LARGE, f"{path[:200]} is over {self.max_bytes} bytes")
-        return data
+        try:
+            # O_NONBLOCK: should a FIFO be swapped in after the stat, the open does not wait for a writer;
+            # O_NOFOLLOW: nor does it follow a symlink swapped in for the resolved file
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BadUpload(NOT_FOUND, path[:200]) from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise BadUpload(FORBIDDEN_PATH, f"{path[:200]!r} became a symlink") from None
+            raise FetchRetry(f"{path[:200]}: {e}") from e
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BadUpload(NOT_FOUND, f"{path[:200]}: not a regular file")
+            chunks, size = [], 0
+            while True:
+                self._in_time(deadline, path)
+                chunk = os.read(fd, min(LOCAL_READ_CHUNK, self.max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > self.max_bytes:  # it grew since the stat
+                    raise BadUpload(TOO_LARGE, f"{path[:200]} is over {self.max_bytes} bytes")
+            return b"".join(chunks)
+        except OSError as e:
+            raise FetchRetry(f"{path[:200]}: {e}") from e
+        finally:
+            os.close(fd)
 
     # -- http(s) ------------------------------------------------------------------------------------------
-    def _http(self, url: str) -> bytes:
+    def _http(self, url: str, deadline: float) -> bytes:
         if not self.allow_http:
             raise BadUpload(UNSUPPORTED_URI, "http(s) fetching is off (--allow-http to enable)")
-        deadline = time.monotonic() + self.http_timeout_s
         current = url
         for hop in range(MAX_REDIRECTS + 1):
             try:
                 data, location = self._http_once(current, deadline)
             except TimeoutError as e:
-                raise FetchRetry(f"{url[:200]}: no complete answer within {self.http_timeout_s:g} s") from e
+                raise FetchRetry(f"{url[:200]}: no complete answer within {self.timeout_s:g} s",
+                                 reason=FETCH_TIMEOUT) from e
             except ssl.SSLCertVerificationError as e:
                 raise BadUpload(UNSUPPORTED_URI, f"{current[:200]}: TLS certificate: {e.verify_message}") from None
             except (OSError, http.client.HTTPException) as e:
@@ -466,6 +624,11 @@ class ImageFetcher:
         except BaseException:
             tls.close()
             raise
+
+
+def _under(path: str, roots: Iterable[str]) -> bool:
+    """Whether absolute ``path`` is one of ``roots`` or lies under one (a plain string test)."""
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
 class _DeadlineSocket:

@@ -51,8 +51,16 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(S3_SCHEME)
 
 
-def s3_filesystem(endpoint_url: str | None = None) -> pafs.S3FileSystem:
-    """An S3 filesystem for AWS or an S3-compatible endpoint (explicit, else from the environment)."""
+def s3_filesystem(endpoint_url: str | None = None, *, connect_timeout_s: float | None = None,
+                  stall_timeout_s: float | None = None, attempts: int | None = None) -> pafs.S3FileSystem:
+    """An S3 filesystem for AWS or an S3-compatible endpoint (explicit, else from the environment).
+
+    Unset, the AWS SDK's own bounds apply (connect 1 s, stall 3 s, 3 attempts per request).
+    ``stall_timeout_s`` is pyarrow's ``request_timeout``: its docs call it Windows and macOS only, but on
+    Linux the SDK's curl client takes it as its low-speed time (measured with pyarrow 26: an endpoint
+    that accepts the connection and never answers fails after it, "Less than 1 bytes/sec transferred the
+    last 1 seconds"). It bounds silence, not slowness: an answer that trickles in at 1 byte/s or more
+    is never cut by it."""
     endpoint = (
         endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     )
@@ -64,18 +72,25 @@ def s3_filesystem(endpoint_url: str | None = None) -> pafs.S3FileSystem:
         kwargs["scheme"] = parsed.scheme or "https"
         # Self-hosted stores (MinIO, Ceph, moto) address buckets by path, not by virtual host.
         kwargs["force_virtual_addressing"] = False
+    if connect_timeout_s is not None:
+        kwargs["connect_timeout"] = connect_timeout_s
+    if stall_timeout_s is not None:
+        kwargs["request_timeout"] = stall_timeout_s
+    if attempts is not None:
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)
     return pafs.S3FileSystem(**kwargs)
 
 
-def resolve(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """Split a URI into a pyarrow filesystem and the path inside it (no trailing slash)."""
+def resolve(uri: str, endpoint_url: str | None = None, **s3_options) -> tuple[pafs.FileSystem, str]:
+    """Split a URI into a pyarrow filesystem and the path inside it (no trailing slash); ``s3_options`` go to
+    :func:`s3_filesystem` for an s3:// URI."""
     if not uri:
         raise ValueError("empty storage URI")
     if is_s3(uri):
         path = uri[len(S3_SCHEME) :].strip("/")
         if not path:
             raise ValueError(f"S3 URI needs a bucket: {uri!r}")
-        return s3_filesystem(endpoint_url), path
+        return s3_filesystem(endpoint_url, **s3_options), path
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     if "://" in uri:
@@ -84,12 +99,13 @@ def resolve(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem,
 
 
 class Storage:
-    """A root URI and the operations danmul needs under it. Paths given to methods are relative."""
+    """A root URI and the operations danmul needs under it. Paths given to methods are relative.
+    ``s3_options``: the S3 client's time bounds (see :func:`s3_filesystem`)."""
 
-    def __init__(self, uri: str, endpoint_url: str | None = None):
+    def __init__(self, uri: str, endpoint_url: str | None = None, **s3_options):
         self.uri = uri.rstrip("/") if uri not in ("/", S3_SCHEME) else uri
-        self.endpoint_url = endpoint_url
-        self.fs, self.root = resolve(uri, endpoint_url)
+        self.endpoint_url, self.s3_options = endpoint_url, s3_options
+        self.fs, self.root = resolve(uri, endpoint_url, **s3_options)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def __repr__(self) -> str:
@@ -106,7 +122,7 @@ class Storage:
         return f"{self.uri}/{rel}" if rel else self.uri
 
     def child(self, rel: str) -> Storage:
-        return Storage(self.uri_of(rel), self.endpoint_url)
+        return Storage(self.uri_of(rel), self.endpoint_url, **self.s3_options)
 
     # -- reading ------------------------------------------------------------------------------
     def exists(self, rel: str = "") -> bool:

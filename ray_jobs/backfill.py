@@ -76,6 +76,9 @@ class BackfillConfig:
         "help": "also write each result to this Redis as danmul:result:{post_id} (default: no)"})
     prefix: str = field(default="danmul:", metadata={"help": "Redis key prefix"})
     endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (default: AWS_ENDPOINT_URL)"})
+    fetch_timeout_s: float = field(default=10.0, metadata={  # ingest.fetch.FETCH_TIMEOUT_S
+        "help": "one image fetch by URI that takes longer in all is given up, counted as failed for a reason that "
+                "may pass (a re-run tries it again)"})
     address: str | None = field(default=None, metadata={"help": "Ray cluster (default: start a local one)"})
     metrics_port: int = field(default=0, metadata={"help": "serve danmul_backfill_* metrics here (0: off)"})
     progress: bool = field(default=True, metadata={"help": "a progress bar with images/s and ETA on stderr"})
@@ -86,6 +89,9 @@ class BackfillConfig:
         for name, low in {"batch_size": 1, "actors": 0, "limit": 0}.items():
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(self, name)}")
+        value = self.fetch_timeout_s
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
+            raise ValueError(f"--fetch-timeout-s must be a positive number, not {value!r}")
 
 
 # -- input ---------------------------------------------------------------------------------------------------
@@ -205,25 +211,28 @@ def _missing(value) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _decoder(checkpoint: str, endpoint_url: str | None):
+def _decoder(checkpoint: str, endpoint_url: str | None, fetch_timeout_s: float | None = None):
     """The checkpoint's preprocessing and a fetcher, made once per worker process (Ray reuses workers
     across tasks): reading config.json and opening object-storage clients per batch would repeat I/O."""
-    from ingest.fetch import ImageFetcher
+    from ingest.fetch import FETCH_TIMEOUT_S, ImageFetcher
     from ingest.storage import Storage
     from model.checkpoint import read_config
     from model.preprocess import Preprocessor
 
     pre = Preprocessor.from_config(read_config(Storage(checkpoint, endpoint_url)))
-    return pre, ImageFetcher(["/"], endpoint_url=endpoint_url)  # the archive is the operator's own: any path
+    timeout_s = FETCH_TIMEOUT_S if fetch_timeout_s is None else fetch_timeout_s
+    # the archive is the operator's own: any path
+    return pre, ImageFetcher(["/"], endpoint_url=endpoint_url, timeout_s=timeout_s)
 
 
-def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str | None) -> dict[str, Any]:
+def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str | None,
+                fetch_timeout_s: float | None = None) -> dict[str, Any]:
     """Fetch and preprocess every row; failures become rows with ``reason`` set and no pixels."""
     from ingest.fetch import FetchRetry, store_of
     from ingest.queue import BAD_POST_ID, UNSUPPORTED_URI, BadUpload
     from model.preprocess import ImageError
 
-    pre, fetcher = _decoder(checkpoint, endpoint_url)
+    pre, fetcher = _decoder(checkpoint, endpoint_url, fetch_timeout_s)
     n = len(batch["post_id"])
     pixels = np.zeros((n, 3, pre.image_size, pre.image_size), dtype=np.float32)
     reasons, details = [""] * n, [""] * n
@@ -419,7 +428,8 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
     if cfg.limit:
         ds = ds.limit(cfg.limit)
     ds = ds.map_batches(decode_rows, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.decode_cpus,
-                        fn_kwargs={"checkpoint": cfg.checkpoint, "endpoint_url": cfg.endpoint_url})
+                        fn_kwargs={"checkpoint": cfg.checkpoint, "endpoint_url": cfg.endpoint_url,
+                                   "fetch_timeout_s": cfg.fetch_timeout_s})
     ds = ds.map_batches(
         Predictor, batch_size=cfg.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,

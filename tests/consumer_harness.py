@@ -55,11 +55,14 @@ async def stop(consumer) -> None:
     await UploadConsumer.func_or_class.__del__(consumer)
 
 
-def consume(redis_url: str, model: FakeModel, until, timeout: float = 60, **settings):
-    """Run one consumer until ``until(sync_client)`` holds (or fail after ``timeout``)."""
+def consume(redis_url: str, model: FakeModel, until, timeout: float = 60, setup=None, **settings):
+    """Run one consumer until ``until(sync_client)`` holds (or fail after ``timeout``); ``setup(consumer)`` runs
+    before the consumer's loop does."""
 
     async def main():
         consumer = harness(model, redis_url, **settings)
+        if setup is not None:
+            setup(consumer)
         c = redis.Redis.from_url(redis_url)
         deadline = time.monotonic() + timeout
         try:

@@ -3,11 +3,14 @@ model deployment's handle (the consumer is a plain class under Serve's decorator
 never answers is abandoned after ``model_timeout_s`` and the upload ends as ``max_deliveries`` naming
 ``model_timeout``; a model replica that dies under an upload every time makes it ``poison`` while the
 uploads grouped with it are tagged; a Redis that answers a script with an error leaves the upload
-pending with ``internal_error`` and the loop goes on."""
+pending with ``internal_error`` and the loop goes on; a fetch is waited for ``fetch_timeout_s`` at most
+(``fetch_timeout``), and a URI over the length limit is dead-lettered at once."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 
 import pytest
@@ -91,3 +94,72 @@ def test_a_script_error_leaves_the_upload_pending_and_the_loop_goes_on(redis_ser
     c.delete(keys.result(1))  # fixed: the next delivery completes it
     consume(redis_server.url, FakeModel(), lambda c: c.exists(keys.result(1)), claim_idle_s=0.5)
     assert c.xpending(keys.uploads, "danmul-taggers")["pending"] == 0 and c.hlen(keys.attempts) == 0
+
+
+# -- fetches -------------------------------------------------------------------------------------------------
+MIB = 1 << 20
+
+
+def test_long_uris_are_dead_lettered_at_once_and_uri_uploads_go_on(redis_server, tmp_path):
+    """The issue's case: six 1 MiB URIs under a local root held every URI upload for 5.5 min (os.path.realpath
+    on each took over a minute, in the fetch threads every URI upload shares)."""
+    root = tmp_path / "uploads"
+    root.mkdir()
+    (root / "1.jpg").write_bytes(b"img")
+    c = redis.Redis(port=redis_server.port)
+    keys = Keys()
+    long = [enqueue(c, keys, 100 + i, image_uri=f"{root}" + "/a" * (MIB // 2)) for i in range(6)]
+    good = enqueue(c, keys, 1, image_uri=f"{root}/1.jpg")
+    consume(redis_server.url, FakeModel(), lambda c: ended(c, 7), timeout=30, local_roots=str(root))
+    dead = {e[b"upload_id"]: e for _, e in c.xrange(keys.dead)}
+    assert sorted(dead) == sorted(long) and {e[b"reason"] for e in dead.values()} == {b"uri_too_long"}
+    assert all(e[b"image_uri_bytes"] == str(len(str(root)) + MIB).encode() for e in dead.values())  # not copied
+    [(_, result)] = c.xrange(keys.results)
+    assert result[b"upload_id"] == good
+
+
+def test_a_fetch_that_never_returns_releases_its_upload_at_the_deadline(redis_server):
+    """A fetch thread that ignores its deadline (a read from a hung network mount: a thread cannot be killed)
+    holds its thread, never the upload: the consumer stops waiting at ``fetch_timeout_s``, leaves the upload
+    for another delivery as ``fetch_timeout``, and after ``max_deliveries`` it is dead-lettered naming it."""
+    c = redis.Redis(port=redis_server.port)
+    keys = Keys()
+    upload = enqueue(c, keys, 1, image_uri="s3://pics/1.jpg")
+    release = threading.Event()
+    calls: list[float] = []
+
+    def never_returns(uri, deadline):
+        calls.append(deadline - time.monotonic())
+        release.wait(60)  # until the upload has ended (asyncio.run waits for the thread before it returns)
+        return b"img"
+
+    def dead_lettered(c) -> bool:
+        if ended(c, 1):
+            release.set()
+        return release.is_set()
+
+    consume(redis_server.url, FakeModel(), dead_lettered, timeout=30, claim_idle_s=0.5, max_deliveries=2,
+            fetch_timeout_s=0.3, allowed_buckets="pics",
+            setup=lambda consumer: setattr(consumer.fetcher, "fetch", never_returns))  # fmt: skip
+    [(_, dead)] = c.xrange(keys.dead)
+    assert dead[b"upload_id"] == upload and dead[b"reason"] == b"max_deliveries"
+    assert dead[b"detail"].endswith(b"last: fetch_timeout")
+    assert len(calls) == 2 and all(0 < left <= 0.3 for left in calls)  # each thread was given the deadline
+
+
+def test_an_s3_endpoint_that_never_answers_releases_the_upload_at_the_deadline(redis_server, monkeypatch):
+    for name, value in {"AWS_ACCESS_KEY_ID": "danmul-test", "AWS_SECRET_ACCESS_KEY": "danmul-test-secret",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    c = redis.Redis(port=redis_server.port)
+    keys = Keys()
+    upload = enqueue(c, keys, 1, image_uri="s3://pics/1.jpg")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel accepts; nobody ever answers
+        consume(redis_server.url, FakeModel(), lambda c: ended(c, 1), timeout=60, claim_idle_s=0.5,
+                max_deliveries=2, fetch_timeout_s=0.5, allowed_buckets="pics",
+                endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}")  # fmt: skip
+    [(_, dead)] = c.xrange(keys.dead)
+    assert dead[b"upload_id"] == upload and dead[b"reason"] == b"max_deliveries"
+    assert dead[b"detail"].endswith(b"last: fetch_timeout")

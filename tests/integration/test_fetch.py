@@ -4,6 +4,7 @@ limit, TLS name checks)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import ipaddress
 import json
@@ -13,6 +14,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from urllib.parse import parse_qs, quote, urlsplit
 
 import boto3
@@ -33,6 +35,7 @@ from ingest.queue import BadUpload
 
 IMAGE = b"\x89PNG fake image bytes"
 LOCAL = ["127.0.0.0/8"]  # what the tests allow http fetches to reach besides public addresses
+DEADLINE_SLACK = 5  # a fetch that must end at its deadline has returned by deadline x this (a loaded machine)
 
 
 def reason_of(fetcher: ImageFetcher, uri: str) -> str:
@@ -296,18 +299,66 @@ def test_http_redirects_are_checked_and_bounded(web):
 def test_http_time_limit_covers_the_whole_fetch(web, path):
     """The server sends a byte every 0.1 s (each read is quick, the whole is not): a per-read timeout would
     wait for all of it and succeed; the fetch's one limit stops it."""
-    with pytest.raises(FetchRetry, match=r"no complete answer within 0\.5 s"):
-        http_fetcher(http_timeout_s=0.5).fetch(f"{web}{path}")
-    assert http_fetcher(http_timeout_s=0.5).fetch(f"{web}/img") == IMAGE
+    t0 = time.monotonic()
+    with pytest.raises(FetchRetry, match=r"no complete answer within 0\.5 s") as e:
+        http_fetcher(timeout_s=0.5).fetch(f"{web}{path}")
+    assert e.value.reason == "fetch_timeout" and time.monotonic() - t0 < 0.5 * DEADLINE_SLACK
+    assert http_fetcher(timeout_s=0.5).fetch(f"{web}/img") == IMAGE
 
 
 def test_https_handshake_counts_against_the_time_limit():
     """A server that accepts the connection and never answers the TLS hello."""
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen()  # the kernel completes the TCP handshake; nobody ever reads or writes
-        with pytest.raises(FetchRetry, match=r"no complete answer within 0\.5 s"):
-            http_fetcher(http_timeout_s=0.5).fetch(f"https://127.0.0.1:{silent.getsockname()[1]}/img")
+    with _silent_server() as port, pytest.raises(FetchRetry, match=r"no complete answer within 0\.5 s") as e:
+        http_fetcher(timeout_s=0.5).fetch(f"https://127.0.0.1:{port}/img")
+    assert e.value.reason == "fetch_timeout"
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_silent_http_server_is_a_timeout(scheme):
+    with _silent_server() as port:
+        t0 = time.monotonic()
+        with pytest.raises(FetchRetry) as e:
+            http_fetcher(timeout_s=0.5).fetch(f"{scheme}://127.0.0.1:{port}/img")
+    assert e.value.reason == "fetch_timeout" and time.monotonic() - t0 < 0.5 * DEADLINE_SLACK
+
+
+# -- one deadline for S3 too -------------------------------------------------------------------------------------
+@pytest.fixture
+def s3_credentials(monkeypatch):
+    """Dummy credentials (without any, the S3 client would first ask the instance metadata service)."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "danmul-test", "AWS_SECRET_ACCESS_KEY": "danmul-test-secret",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+
+
+def test_an_s3_endpoint_that_never_answers_is_a_timeout_within_the_deadline(s3_credentials):
+    """It accepts the connection (the kernel does) and never sends a byte: the S3 client's stall timeout and
+    attempts, set from the deadline, end the fetch, as a retry named fetch_timeout. (4 s: the client counts
+    stalls in whole seconds, so a shorter deadline would take it longer than the deadline.)"""
+    with _silent_server() as port:
+        f = ImageFetcher(allowed_buckets={"pics"}, endpoint_url=f"http://127.0.0.1:{port}", timeout_s=4.0)
+        t0 = time.monotonic()
+        with pytest.raises(FetchRetry) as e:
+            f.fetch("s3://pics/a.jpg")
+    assert e.value.reason == "fetch_timeout" and e.value.unreachable is None, e.value
+    assert time.monotonic() - t0 < 4.0 * DEADLINE_SLACK
+
+
+def test_s3_reads_check_the_deadline_between_chunks(s3_endpoint, monkeypatch):
+    from ingest import fetch
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket = f"chunks-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="a.jpg", Body=IMAGE)
+    monkeypatch.setattr(fetch, "S3_READ_CHUNK", 4)  # IMAGE in 6 ranged GETs
+    f = ImageFetcher(allowed_buckets={bucket})
+    assert f.fetch(f"s3://{bucket}/a.jpg") == IMAGE
+    clock = iter([0.0, 0.0, 0.0, 100.0])  # the third chunk is asked for after the deadline
+    monkeypatch.setattr(fetch.time, "monotonic", lambda: next(clock, 100.0))
+    with pytest.raises(FetchRetry) as e:
+        f.fetch(f"s3://{bucket}/a.jpg")
+    assert e.value.reason == "fetch_timeout"
 
 
 def test_http_connects_to_the_address_it_checked(web, monkeypatch):
@@ -347,6 +398,15 @@ def test_https_verifies_the_url_host_on_the_checked_address(tmp_path):
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _silent_server() -> Iterator[int]:
+    """A port whose connections the kernel accepts and nobody ever reads or answers."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        yield silent.getsockname()[1]
+
+
 def _closed_port() -> int:
     """A local port where nothing listens (bound a moment, then freed)."""
     with socket.socket() as s:

@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MB = 1 << 20
 UPLOAD_REASONS = {"missing_post_id", "bad_post_id", "missing_image", "bad_tags", "bad_image_uri", "not_found",
                   "forbidden_path", "forbidden_bucket", "forbidden_address", "unsupported_uri", "too_large",
-                  "max_deliveries", "poison", "internal_error", "deleted", "bad_request", "model_error"}
+                  "max_deliveries", "poison", "internal_error", "deleted", "bad_request", "model_error",
+                  "uri_too_long"}
 
 
 def known_reasons() -> set[str]:
@@ -116,6 +117,9 @@ def test_hostile_uploads_batched_with_good_ones(ray_cluster, module_redis, tiny_
     add("forbidden_path", {"post_id": "6011", "image_uri": f"{root}/../../etc/passwd"})
     (root / "6012.jpg").write_bytes(image)
     add("result", {"post_id": "6012", "image_uri": f"file://{root}/6012.jpg"})
+    add("uri_too_long", {"post_id": "6013", "image_uri": f"{root}" + "/a" * (MB // 2)})  # realpath: a minute
+    os.mkfifo(root / "6014.jpg")
+    add("not_found", {"post_id": "6014", "image_uri": f"{root}/6014.jpg"})  # a FIFO: would wait for a writer
     for i in range(20):
         add_good(200 + i)
     # the same post twice: the result hash keeps the newer upload's result
