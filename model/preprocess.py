@@ -56,8 +56,8 @@ own: libwebp parses its chunks in C (200,000 frames: 0.03 s). The scan uses C-sp
 Decode budget (``too_costly``), for what the structure budget cannot see: :mod:`model.decode_pool` decodes
 each image in a worker process limited to ``DECODE_CPU_S`` of CPU time (RLIMIT_CPU, per image) and
 ``DECODE_MEMORY_MB`` of address space above its start (RLIMIT_AS), with a ``DECODE_WALL_S`` backstop; a
-worker that runs over is killed and replaced. The largest legitimate image (50 Mpx progressive 4:4:4
-JPEG) takes 1.0 s of CPU and +290 MB on the 2-core development machine.
+worker that runs over is killed and replaced. The costliest legitimate images (50 Mpx progressive JPEGs)
+take 1.0 s of CPU and up to +385 MB on the 2-core development machine.
 
 Aspect rule: an image whose long side is more than ``MAX_ASPECT`` (2.5) times its short side is cropped
 to a window of exactly that aspect before anything else: the top of a tall image (a webtoon strip's
@@ -122,11 +122,12 @@ GIF_MAX_HEADER_BLOCKS = 16_384
 # runs: 4.5 s); 4 MiB is about 0.6 s, and far more than real RLE images (icons, screenshots) hold
 BMP_RLE_MAX_BYTES = 4 << 20
 
-# Decode budget (too_costly), enforced by model.decode_pool's worker processes. The largest legitimate
-# image the pixel budget allows (a 50 Mpx progressive 4:4:4 JPEG, 15 MB) takes 1.0 s of CPU and +290 MB at
-# the 1024 px input on the 2-core development machine; a 50 Mpx RGBA PNG 0.8 s and +210 MB.
-DECODE_CPU_S = 3  # whole seconds (RLIMIT_CPU counts seconds, so a job gets 3 to 4 s): 3x the largest real one
-DECODE_MEMORY_MB = 1024  # address space above the worker's own at start: 3.5x the largest real image's
+# Decode budget (too_costly), enforced by model.decode_pool's worker processes. The costliest legitimate
+# images the pixel budget allows, measured at the 1024 px input on the 2-core development machine: a 50 Mpx
+# progressive 4:4:4 JPEG (15 MB) 1.0 s of CPU and +290 MB of address space, the same in CMYK 0.8 s and
+# +385 MB, a 50 Mpx RGBA PNG 0.8 s and +210 MB.
+DECODE_CPU_S = 3  # whole seconds (RLIMIT_CPU counts seconds, so a job gets 3 to 4 s): 3x the costliest real one
+DECODE_MEMORY_MB = 1024  # address space above the worker's own at start: 2.6x the most a real image took
 DECODE_WALL_S = 15.0  # a worker shares the cores with the model and other workers; past this it is stuck
 
 REASONS = ("empty", "too_large", "not_an_image", "decompression_bomb", "too_complex", "truncated", "too_small",
