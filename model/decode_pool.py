@@ -82,7 +82,7 @@ class _Worker:
         if kind != _READY:
             raise RuntimeError(f"a decode worker did not start: it {self.kill()} (its stderr is in this log)")
 
-    def call(self, kind: bytes, payload: bytes, wall_s: float) -> tuple[bytes, bytes]:
+    def call(self, kind: bytes, payload: bytes, wall_s: float) -> tuple[bytes, bytearray]:
         deadline = time.monotonic() + wall_s
         self._send(_HEADER.pack(kind, len(payload)), deadline)
         self._send(payload, deadline)
@@ -99,19 +99,20 @@ class _Worker:
             except OSError:  # EPIPE: the worker is gone
                 raise _Lost("died") from None
 
-    def _answer(self, deadline: float) -> tuple[bytes, bytes]:
+    def _answer(self, deadline: float) -> tuple[bytes, bytearray]:
         kind, length = _HEADER.unpack(self._read(_HEADER.size, deadline))
         return kind, self._read(length, deadline)
 
-    def _read(self, n: int, deadline: float) -> bytes:
-        out = bytearray()
-        while len(out) < n:
+    def _read(self, n: int, deadline: float) -> bytearray:
+        out = bytearray(n)  # writable: the array made on it is one torch can take without a copy
+        view, got = memoryview(out), 0
+        while got < n:
             _wait(self.back, select.POLLIN, deadline)
-            chunk = os.read(self.back, min(n - len(out), 1 << 20))
-            if not chunk:
+            read = os.readv(self.back, [view[got : got + (1 << 20)]])
+            if not read:
                 raise _Lost("died")
-            out += chunk
-        return bytes(out)
+            got += read
+        return out
 
     def kill(self) -> str:
         """Kill (if alive) and reap; returns how it ended, for the error's detail."""
@@ -246,7 +247,7 @@ class DecodePool:
         finally:
             self.idle.put(worker)
 
-    def _result(self, answer: bytes, payload: bytes):
+    def _result(self, answer: bytes, payload: bytearray):
         if answer == _ARRAY:
             s = self.image_size
             return np.frombuffer(payload, dtype=np.float32).reshape(3, s, s)
