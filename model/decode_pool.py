@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -53,6 +54,7 @@ log = logging.getLogger("danmul.decode")
 _HEADER = struct.Struct(">cI")
 PREPROCESS, CHECK, SPIN = b"P", b"C", b"S"  # SPIN burns CPU until the budget stops it: the pool's tests use it
 _ARRAY, _CHECKED, _ERROR, _READY = b"A", b"C", b"E", b"R"
+PIPE_BYTES = 1 << 20  # Linux's default pipe-max-size for an unprivileged process
 START_TIMEOUT_S = 60.0  # a worker imports Pillow and numpy (~0.3 s); far slower means the machine is stuck
 # the worker's libraries single-threaded: a decode is one image's work, and OpenBLAS threads would reserve
 # address space against RLIMIT_AS for nothing
@@ -74,6 +76,9 @@ class _Worker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
         self.pid = self.proc.pid
         self.to, self.back = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        for fd in (self.to, self.back):  # an answer (3 x 448 x 448 floats: 2.4 MB) in a few writes, not 37
+            with contextlib.suppress(OSError):  # over /proc/sys/fs/pipe-max-size: the default 64 KiB
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         os.set_blocking(self.to, False)
         try:
             kind, _ = self._answer(time.monotonic() + START_TIMEOUT_S)
@@ -82,7 +87,7 @@ class _Worker:
         if kind != _READY:
             raise RuntimeError(f"a decode worker did not start: it {self.kill()} (its stderr is in this log)")
 
-    def call(self, kind: bytes, payload: bytes, wall_s: float) -> tuple[bytes, bytearray]:
+    def call(self, kind: bytes, payload: bytes, wall_s: float) -> tuple[bytes, memoryview]:
         deadline = time.monotonic() + wall_s
         self._send(_HEADER.pack(kind, len(payload)), deadline)
         self._send(payload, deadline)
@@ -99,12 +104,12 @@ class _Worker:
             except OSError:  # EPIPE: the worker is gone
                 raise _Lost("died") from None
 
-    def _answer(self, deadline: float) -> tuple[bytes, bytearray]:
+    def _answer(self, deadline: float) -> tuple[bytes, memoryview]:
         kind, length = _HEADER.unpack(self._read(_HEADER.size, deadline))
         return kind, self._read(length, deadline)
 
-    def _read(self, n: int, deadline: float) -> bytearray:
-        out = bytearray(n)  # writable: the array made on it is one torch can take without a copy
+    def _read(self, n: int, deadline: float) -> memoryview:
+        out = np.empty(n, dtype=np.uint8)  # writable (torch takes the array made on it as is), not zeroed
         view, got = memoryview(out), 0
         while got < n:
             _wait(self.back, select.POLLIN, deadline)
@@ -112,7 +117,7 @@ class _Worker:
             if not read:
                 raise _Lost("died")
             got += read
-        return out
+        return view
 
     def kill(self) -> str:
         """Kill (if alive) and reap; returns how it ended, for the error's detail."""
@@ -240,22 +245,22 @@ class DecodePool:
                                                f"s of CPU, {self.config['memory_mb']} MB)") from None
             finally:
                 ticket.finish()
-            if answer == _ERROR and json.loads(payload).get("exit"):  # it exits after answering (memory spent)
+            if answer == _ERROR and json.loads(bytes(payload)).get("exit"):  # it exits after answering (memory spent)
                 self._retire(worker)
                 worker = None
             return self._result(answer, payload)
         finally:
             self.idle.put(worker)
 
-    def _result(self, answer: bytes, payload: bytearray):
+    def _result(self, answer: bytes, payload: memoryview):
         if answer == _ARRAY:
             s = self.image_size
             return np.frombuffer(payload, dtype=np.float32).reshape(3, s, s)
         if answer == _CHECKED:
-            size = json.loads(payload)
+            size = json.loads(bytes(payload))
             return size["width"], size["height"]
         if answer == _ERROR:
-            err = json.loads(payload)
+            err = json.loads(bytes(payload))
             raise ImageError(err["reason"], err["detail"], tuple(err["declared"]) if err["declared"] else None)
         raise RuntimeError(f"a decode worker answered {answer!r}")
 
@@ -323,10 +328,16 @@ def _read_exact(fd: int, n: int) -> bytes | None:
     return bytes(out)
 
 
-def _write(fd: int, kind: bytes, payload: bytes) -> None:
-    view = memoryview(_HEADER.pack(kind, len(payload)) + payload)
-    while view:
-        view = view[os.write(fd, view) :]
+def _write(fd: int, kind: bytes, payload) -> None:
+    """``payload``: bytes, or an array, written from its own memory (no copy)."""
+    view = memoryview(payload).cast("B")
+    parts = [memoryview(_HEADER.pack(kind, len(view))), view]
+    while parts:
+        sent = os.writev(fd, parts)
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts.pop(0))
+        if parts:
+            parts[0] = parts[0][sent:]
 
 
 def _worker_main(config: dict) -> None:
@@ -358,7 +369,7 @@ def _worker_main(config: dict) -> None:
                 w, h = declared_size(data)
                 _write(answers, _CHECKED, json.dumps({"width": w, "height": h}).encode())
                 continue
-            _write(answers, _ARRAY, pre.array(data).tobytes())
+            _write(answers, _ARRAY, pre.array(data))
         except ImageError as e:
             # out of memory (the address-space budget): answer, then make way for a fresh process
             spent = e.reason == "undecodable" and e.detail.startswith("MemoryError")
