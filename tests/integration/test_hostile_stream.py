@@ -24,6 +24,7 @@ from ray_jobs.local_redis import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MB = 1 << 20
+HTTP_PORT = free_port()  # every app of the module: Serve's proxy keeps the port of the first deploy
 UPLOAD_REASONS = {"missing_post_id", "bad_post_id", "missing_image", "bad_tags", "bad_image_uri", "not_found",
                   "forbidden_path", "forbidden_bucket", "forbidden_address", "unsupported_uri", "too_large",
                   "max_deliveries", "poison", "internal_error", "deleted", "bad_request", "model_error"}
@@ -122,7 +123,7 @@ def test_hostile_uploads_batched_with_good_ones(ray_cluster, module_redis, tiny_
     older = add("result", {"post_id": "7000", "image": tiny_rows[1]["image"]})
     newer = add("result", {"post_id": "7000", "image": tiny_rows[2]["image"]})
 
-    s = ServeSettings(checkpoint=tiny_checkpoint, redis=module_redis.url, prefix=keys.prefix, http_port=free_port(),
+    s = ServeSettings(checkpoint=tiny_checkpoint, redis=module_redis.url, prefix=keys.prefix, http_port=HTTP_PORT,
                       metrics_port=free_port(), local_roots=str(root), max_in_flight=32, claim_idle_s=3,
                       stream_retention_s=0, trim_interval_s=1, max_in_flight_bytes=64 * MB)  # fmt: skip
     c.xdel(keys.uploads, ghost)
@@ -238,7 +239,7 @@ def property_app(ray_cluster, module_redis, tiny_checkpoint, tmp_path_factory):
     from deploy.settings import ServeSettings
 
     root = tmp_path_factory.mktemp("roots")
-    deploy(ServeSettings(checkpoint=tiny_checkpoint, redis=module_redis.url, prefix="prop:", http_port=free_port(),
+    deploy(ServeSettings(checkpoint=tiny_checkpoint, redis=module_redis.url, prefix="prop:", http_port=HTTP_PORT,
                          metrics_port=free_port(), local_roots=str(root), claim_idle_s=5))
     yield replicas("TaggerModel")
     undeploy()
@@ -278,11 +279,11 @@ def test_cpu_bombs_are_dead_lettered_while_good_uploads_and_calls_go_on(ray_clus
     bomb = repeated_scan_jpeg(40_000)
     bombs = [enqueue(c, keys, 900 + i, image=bomb).decode() for i in range(2)]
     good = [enqueue(c, keys, i, image=tiny_rows[i % len(tiny_rows)]["image"]).decode() for i in range(20)]
-    s = ServeSettings(checkpoint=tiny_checkpoint, redis=module_redis.url, prefix=keys.prefix, http_port=free_port(),
+    s = ServeSettings(checkpoint=tiny_checkpoint, redis=module_redis.url, prefix=keys.prefix, http_port=HTTP_PORT,
                       metrics_port=free_port(), claim_idle_s=3)  # fmt: skip
     deploy(s)
     try:
-        base = f"http://127.0.0.1:{s.http_port}"
+        base = f"http://127.0.0.1:{HTTP_PORT}"
         tagged = requests.post(f"{base}/v1/tag", data=tiny_rows[0]["image"], timeout=60)
         refused = requests.post(f"{base}/v1/tag", data=bomb, timeout=60)
         wait_until_ended(c, keys, [*bombs, *good])
