@@ -57,7 +57,9 @@ class CallBatcher:
     """Groups a consumer's model requests: up to ``size`` uploads (or what arrives within ``wait_s``) go
     to the model in one ``tag_many`` call. A Serve call costs the caller about a millisecond of CPU, as
     much as a tiny model's inference per image; one call per group keeps the consumer off the critical
-    path. Several groups are in flight at once; the replica batches images across them."""
+    path. Several groups are in flight at once; the replica batches images across them. A call whose
+    callers have all given up (each upload's wait has its timeout) is cancelled, so the replica does not
+    go on decoding for nobody."""
 
     def __init__(self, model: DeploymentHandle, size: int, wait_s: float = 0.005):
         self.model, self.size, self.wait_s = model, size, wait_s
@@ -87,8 +89,23 @@ class CallBatcher:
             call.add_done_callback(self.calls.discard)
 
     async def _call(self, group: list) -> None:
+        call = asyncio.ensure_future(self.model.tag_many.remote([g[0] for g in group], [g[1] for g in group]))
+        waiting = len(group)
+
+        def gave_up(_) -> None:  # a caller's future ended (answered, or its wait timed out)
+            nonlocal waiting
+            waiting -= 1
+            if not waiting and not call.done():  # nobody waits for the answer: the replica stops working on it
+                call.cancel()
+
+        for _, _, fut in group:
+            fut.add_done_callback(gave_up)
         try:
-            results = await self.model.tag_many.remote([g[0] for g in group], [g[1] for g in group])
+            results = await call
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # this task was cancelled (the consumer stops)
+                raise
+            return  # the call was, by gave_up: Serve cancels the request on the replica (its decodes stop)
         except Exception as e:  # the replica died, or none is ready: each upload decides what to do
             for _, _, fut in group:
                 if not fut.done():

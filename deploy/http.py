@@ -27,11 +27,17 @@ ignored. Every value must be UTF-8. Bounds:
 ==============  ===========================================================================
 
 Per request: at most ``max_request_bytes`` of body (413; refused before reading when
-``Content-Length`` says so), at most 64 million decoded pixels over all its images, read from each
-image's header without decoding (413; an image whose header cannot be read goes to the model, which
-answers its reason code), at most 16 other form parts and 16 query parameters (400). The body must
-arrive within ``http_read_timeout_s`` in all (a total deadline, not per chunk): otherwise 408 and
-the connection is closed.
+``Content-Length`` says so), at most 64 million decoded pixels over all its images, as their headers
+declare them (413), at most 16 other form parts and 16 query parameters (400). The body must arrive
+within ``http_read_timeout_s`` in all (a total deadline, not per chunk): otherwise 408 and the
+connection is closed.
+
+Each image is checked before it goes to the model, exactly as a model replica would refuse it from its
+bytes and header (``model.preprocess.declared_size``: the same accepted formats, so an EPS is never
+parsed; the same structure and pixel budgets), in decode worker processes with the same CPU and memory
+budget per image (``model.decode_pool``), never on the threads that answer requests. A refused image
+gets its reason code without a model call: ``/v1/tag`` answers 422, ``/evaluate`` lists it with its
+``error``.
 
 Every error is JSON: ``{"error": message, "field": name}`` (``field`` is null when no one field is
 at fault). Codes: 400 a bad parameter or form, 401 no or a wrong API key, 408 the body came too
@@ -51,6 +57,10 @@ one of them in constant time). Every endpoint but ``GET /health`` then needs one
 The ``Authorization`` header wins when both are given; a key in a form field is not read. No key or
 a wrong one: 401 with ``WWW-Authenticate``. Keys are never logged.
 
+No interactive documentation (``/docs``, ``/redoc``, ``/openapi.json``) is served: the API is for
+machines (a Danbooru instance, the platform), described in ``docs/streaming.md``, and a schema page is
+one more unauthenticated answer to keep in step with the keys.
+
 Concurrency: one replica works on at most ``http_max_concurrency`` requests of ``/evaluate`` and
 ``/v1/tag`` at once, body reading included; a request that finds no free slot within
 ``ADMISSION_WAIT_S`` gets 503. ``danmul_http_requests_total`` counts every answer by code; ``499``
@@ -63,7 +73,6 @@ import binascii
 import contextlib
 import hashlib
 import hmac
-import io
 import logging
 import math
 import re
@@ -77,12 +86,16 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect
 
+from model.preprocess import ImageError
+
 log = logging.getLogger("danmul.http")
 
 MAX_FILES = 16  # file parts of one /evaluate request
 MAX_FORM_FIELDS = 16  # other form parts
 MAX_QUERY_FIELDS = 16  # query parameters
 MAX_REQUEST_PIXELS = 64_000_000  # decoded width x height, summed over a request's images
+CHECK_WORKERS = 2  # decode processes per API replica for the checks (a few ms each; two, so one slow check
+# does not hold the others)
 MAX_SCALAR_BYTES = 64  # threshold, limit, top_k, format
 MAX_TAGS_BYTES = 256 << 10  # tags (model.vocab bounds them further)
 MAX_FILENAME_CHARS = 1024
@@ -101,7 +114,8 @@ _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _CLOSE = {"Connection": "close"}  # answered before the body was read: do not keep the connection
 
-api = FastAPI(title="danmul", description="Anime character identification and Danbooru tag prediction")
+api = FastAPI(title="danmul", description="Anime character identification and Danbooru tag prediction",
+              docs_url=None, redoc_url=None, openapi_url=None)  # machine-facing: see the module's doc
 
 
 class ApiError(Exception):
@@ -352,25 +366,24 @@ def file_name(part: Part) -> str:
     return name
 
 
-def image_pixels(data: bytes) -> float | None:
-    """Width x height from the image's header, without decoding it; None when the header cannot be
-    read (the model then answers the reason), infinity for what PIL itself calls a bomb."""
-    from PIL import Image
+async def check_images(pool, images: list[bytes]) -> list[ImageError | None]:
+    """Each image's reason to be refused (an :class:`ImageError`), or None when it may go to the model,
+    checked in ``pool``'s worker processes (a ``model.decode_pool.DecodePool``); 413 when their headers
+    declare more than ``MAX_REQUEST_PIXELS`` in all (an image refused after its header was read counts
+    what it declared)."""
 
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-        return float(w) * float(h)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return math.inf
-    except Exception:
-        return None
+    async def one(data: bytes) -> tuple[int, ImageError | None]:
+        try:
+            w, h = await pool.check_async(data)
+            return w * h, None
+        except ImageError as e:
+            w, h = e.declared or (0, 0)
+            return w * h, e
 
-
-def check_pixels(images: list[bytes]) -> None:
-    total = sum(p for p in map(image_pixels, images) if p is not None)
-    if total > MAX_REQUEST_PIXELS:
+    checked = await asyncio.gather(*map(one, images))
+    if sum(pixels for pixels, _ in checked) > MAX_REQUEST_PIXELS:
         raise ApiError(413, f"the images hold more than {MAX_REQUEST_PIXELS} pixels in all", "file")
+    return [refusal for _, refusal in checked]
 
 
 def is_multipart(content_type: str) -> bool:
@@ -388,12 +401,14 @@ class TaggerAPI:
     def __init__(self, model: DeploymentHandle, consumer: DeploymentHandle | None, settings: dict):
         from deploy.runtime import start_metrics
         from deploy.settings import ServeSettings
+        from model.decode_pool import DecodePool
 
         self.settings = ServeSettings(**settings)
         # first: a keys file that cannot be used stops the start-up, before anything else is set up
         self.keys = load_api_keys(self.settings.api_keys_file) if self.settings.api_keys_file else None
         self.model, self.consumer, self.limit = model, consumer, self.settings.max_request_bytes
         self.slots = asyncio.Semaphore(max(1, self.settings.http_max_concurrency))
+        self.checker = DecodePool(CHECK_WORKERS)  # header and structure checks only
         self.metrics = start_metrics()
         # it logs a warning per malformed byte of a body: a client could fill the logs (400s are counted)
         logging.getLogger("python_multipart").setLevel(logging.ERROR)
@@ -500,11 +515,11 @@ class TaggerAPI:
         files = [(file_name(p), p.data) for p in parts if p.name == "file"]
         if not files:
             raise ApiError(400, "no file in the request (multipart part 'file')", "file")
-        await asyncio.to_thread(check_pixels, [data for _, data in files])
+        refused = await check_images(self.checker, [data for _, data in files])
         top_k = min(limit, TOP_K_MAX)  # characters listed: more than this is never useful
-        sent = [i for i, (_, data) in enumerate(files) if data]
+        sent = [i for i, refusal in enumerate(refused) if refusal is None]
         answers = await self._call_model([self.model.tag.remote(files[i][1], None, threshold, top_k) for i in sent])
-        results: list[dict] = [{"error": "empty"}] * len(files)
+        results: list[dict] = [{"error": refusal.reason} if refusal else {} for refusal in refused]
         for i, r in zip(sent, answers, strict=True):
             results[i] = r
         out = []
@@ -544,7 +559,9 @@ class TaggerAPI:
         tags = parse_tags(params)
         if not image:
             raise ApiError(400, "empty image", "file")
-        await asyncio.to_thread(check_pixels, [image])
+        [refusal] = await check_images(self.checker, [image])
+        if refusal is not None:
+            return JSONResponse({"error": refusal.reason, "detail": refusal.detail, "field": "file"}, 422)
         [r] = await self._call_model([self.model.tag.remote(image, tags, threshold, top_k)])
         if "error" in r:
             return JSONResponse({"error": r["error"], "detail": r.get("detail", ""), "field": "file"}, 422)
@@ -573,3 +590,7 @@ class TaggerAPI:
                 body["error"] = f"the queue consumer cannot work: {redis_state}"
                 return JSONResponse(body, status_code=503)
         return JSONResponse(body)
+
+    def __del__(self) -> None:  # Serve's stop: the check workers go with the replica
+        if hasattr(self, "checker"):
+            self.checker.close()

@@ -1,12 +1,14 @@
 """The model replica of the streaming tagger: ``Tagger`` behind Ray Serve's dynamic batching, shared by the
 queue consumers and the HTTP API. Its rule is isolation: whatever one image or one request does (an
 undecodable file, a bad parameter, an exception in the model) becomes that item's ``{"error": reason}``,
-never its batch's failure, and decoding memory is bounded by a fixed pool of threads."""
+never its batch's failure; and each image is decoded in a fixed pool of worker processes
+(``model.decode_pool``) within a budget of CPU time and memory, so no image can hold the replica: one that
+runs over is stopped (``too_costly``), and one whose caller gave up (Serve cancels the request) is stopped
+at once."""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import math
 import os
@@ -52,13 +54,14 @@ def _tags_ok(tags: Any) -> bool:
 
 @serve.deployment
 class TaggerModel:
-    """``Tagger`` behind dynamic batching. ``tag_many(images, tags)`` decodes in a bounded pool of threads
+    """``Tagger`` behind dynamic batching. ``tag_many(images, tags)`` decodes in a pool of worker processes
     (the event loop keeps collecting requests) and each image joins a batch; a bad image or bad parameters
     come back as that item's ``{"error": reason, "detail": ...}``."""
 
     def __init__(self, checkpoint: str, endpoint_url: str | None = None, device: str | None = None,
                  threads: int = 0):
         from ingest.storage import Storage
+        from model.decode_pool import DecodePool
         from model.tagger import Tagger
 
         self.metrics = start_metrics()
@@ -68,9 +71,9 @@ class TaggerModel:
             torch.set_num_threads(threads)
         self.tagger = Tagger.from_checkpoint(Storage(checkpoint, endpoint_url), device=device)
         self.top_k = 5
-        # Decoding threads are bounded: each holds at most one decoded image (the pixel budget of
-        # model.preprocess), so the replica's decoding memory is bounded too.
-        self.decoders = concurrent.futures.ThreadPoolExecutor(max(2, threads + 1), thread_name_prefix="decode")
+        # Decode workers are few and each holds one image within its budget (model.preprocess's pixel,
+        # structure and decode budgets), so the replica's decoding CPU and memory are bounded too.
+        self.decoders = DecodePool.for_config(self.tagger.config, max(2, threads + 1))
         self.metrics.MODEL_INFO.labels(self.tagger.version, self.tagger.config.image_model).set(1)
         self.metrics.MODEL_REPLICAS.labels(self.tagger.version).set(1)
         log.info("model %s loaded on %s", self.tagger.version, self.tagger.device)
@@ -105,8 +108,7 @@ class TaggerModel:
         problem = check_request(threshold, top_k)
         if problem:
             return [{"error": "bad_request", "detail": problem} for _ in images]
-        loop = asyncio.get_running_loop()
-        decoded = await asyncio.gather(*[loop.run_in_executor(self.decoders, self._decode, im) for im in images])
+        decoded = await asyncio.gather(*map(self._decode, images))  # cancelled with the call: workers stop too
         k = top_k or self.top_k
         return list(await asyncio.gather(*[
             _done(d) if isinstance(d, dict) else
@@ -115,20 +117,20 @@ class TaggerModel:
             for d, t in zip(decoded, tags, strict=True)
         ]))  # fmt: skip
 
-    def _decode(self, image: bytes) -> Any:
-        """A tensor, or ``{"error": reason}`` for anything that cannot become one (in a decode thread).
-        Whatever the bytes make PIL do, the answer is this image's error, never the replica's."""
+    async def _decode(self, image: bytes) -> Any:
+        """A tensor, or ``{"error": reason}`` for anything that cannot become one (decoded in a worker
+        process). Whatever the bytes make PIL do, the answer is this image's error, never the replica's."""
+        import torch
+
         from model.preprocess import ImageError
 
         t0 = time.perf_counter()
         try:
             if not isinstance(image, bytes | bytearray | memoryview):
                 raise ImageError("not_an_image", f"{type(image).__name__}, not bytes")
-            out = self.tagger.preprocess(bytes(image))
+            out = torch.from_numpy(await self.decoders.preprocess_async(bytes(image)))
         except ImageError as e:
             return {"error": e.reason, "detail": str(e)[:300]}
-        except Exception as e:  # MemoryError included: one image's problem
-            return {"error": "undecodable", "detail": f"{type(e).__name__}: {str(e)[:200]}"}
         self.metrics.STAGE_SECONDS.labels("decode").observe(time.perf_counter() - t0)
         return out
 
@@ -157,7 +159,7 @@ class TaggerModel:
 
         pixels = torch.stack([i.pixels for i in items])  # (B, 3, S, S)
         # on the event loop itself: a worker thread here only added GIL hand-offs (measured no faster);
-        # decoding still runs in threads, and the next batch forms when this one returns
+        # decoding runs in worker processes, and the next batch forms when this one returns
         chars, tag_probs = self.tagger.scores(pixels, [i.tags for i in items])
         known = self.tagger.vocab.knows_any
         return [{**self.tagger.decode(c, t, item.top_k, item.threshold, with_tags=known(item.tags)).to_dict(),
@@ -166,6 +168,6 @@ class TaggerModel:
 
     def __del__(self) -> None:
         if hasattr(self, "decoders"):
-            self.decoders.shutdown(wait=False, cancel_futures=True)
+            self.decoders.close()
         if hasattr(self, "metrics"):
             self.metrics.process_exiting()

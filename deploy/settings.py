@@ -78,6 +78,9 @@ class ServeSettings:
     http_max_concurrency: int = field(default=32, metadata={
         "help": "requests one API replica works on at once; more wait, then get 503 (GET /health always answers)"})
     metrics_port: int = field(default=9500, metadata={"help": "per-node Prometheus endpoint (0: off)"})
+    metrics_host: str | None = field(default=None, metadata={
+        "help": "address the per-node metrics endpoint listens on (default: --http-host's; 0.0.0.0 for a "
+                "Prometheus on another machine)"})
     device: str | None = field(default=None, metadata={"help": "model device (default: cuda when available)"})
 
 

@@ -16,6 +16,12 @@ makes them raise anything but :class:`ImageError`, whose ``reason`` is one of :d
   Other formats are never even parsed (no TIFF, ICO, SVG, PDF; no EPS, which would run ghostscript).
 - ``decompression_bomb``: more pixels than the pixel budget below.
 - ``too_small``: the short side is below ``MIN_SIDE`` (8) pixels (a 1 x 1 dot, a 2 x 2,000,000 line).
+- ``too_complex``: the file's structure would cost more to parse than a real encoder's file does: more
+  JPEG scans or segments, PNG chunks, GIF sub-blocks before the first image, or RLE BMP bytes than the
+  structure budget below allows. Read from the bytes, before any decoder sees them.
+- ``too_costly``: decoding ran over the per-image budget of CPU time or memory (``DECODE_CPU_S``,
+  ``DECODE_MEMORY_MB``, or the ``DECODE_WALL_S`` backstop), so the worker process doing it was killed
+  (:mod:`model.decode_pool`; in-process decoding has no such budget).
 - ``truncated``: the data ends before the image does.
 - ``undecodable``: anything else that goes wrong with one image (corrupt data, a decoder error, even
   ``MemoryError``); ``str(error)`` then holds the exception's class and a short message.
@@ -33,6 +39,25 @@ though it is decoded with DCT scaling (``Image.draft``, 1/2 to 1/8) when the mod
 libwebp holds two RGBA canvases and PIL a copy (so WebP tops out at 12.5 Mpx). Working memory is then
 at most about 5 bytes per counted pixel: about 80 MB at the floor, 250 MB at the cap (measured: 70 MB
 for a 16 Mpx RGBA PNG, 190 MB for a 12 Mpx WebP).
+
+Structure budget, read from the bytes before any decoder sees them (``too_complex``). What a file costs
+is not only its pixels: Pillow parses a JPEG's header, a PNG's chunks and a GIF's blocks before its first
+image in Python, one unit at a time (1-3 us each), and libjpeg passes over every coefficient once per
+progressive scan. So the units a file may hold are bounded where real encoders stay far below: at most
+``JPEG_MAX_SCANS`` scans and ``JPEG_MAX_SEGMENTS`` marker segments (restart markers inside the entropy
+data are not segments) and ``JPEG_MAX_HEADER_JUNK`` stray bytes between the header's segments; at most
+``PNG_MAX_CHUNKS`` chunks; at most ``GIF_MAX_HEADER_BLOCKS`` extension sub-blocks and stray bytes before a
+GIF's first image (its image data, and any later frame, is read by the C decoder or not at all); an RLE
+BMP (decoded in Python by Pillow) at most ``BMP_RLE_MAX_BYTES``. A decode then costs at most a bounded
+multiple of its pixels (100 passes for a JPEG) plus a bounded number of units. WebP needs no bound of its
+own: libwebp parses its chunks in C (200,000 frames: 0.03 s). The scan uses C-speed searches (``re``,
+``bytes`` slices) and visits at most the bounded units in Python: at most about 0.3 s for any 32 MiB file.
+
+Decode budget (``too_costly``), for what the structure budget cannot see: :mod:`model.decode_pool` decodes
+each image in a worker process limited to ``DECODE_CPU_S`` of CPU time (RLIMIT_CPU, per image) and
+``DECODE_MEMORY_MB`` of address space above its start (RLIMIT_AS), with a ``DECODE_WALL_S`` backstop; a
+worker that runs over is killed and replaced. The costliest legitimate images (50 Mpx progressive JPEGs)
+take 1.0 s of CPU and up to +385 MB on the 2-core development machine.
 
 Aspect rule: an image whose long side is more than ``MAX_ASPECT`` (2.5) times its short side is cropped
 to a window of exactly that aspect before anything else: the top of a tall image (a webtoon strip's
@@ -55,12 +80,15 @@ Limits on untrusted input live here and only here.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # torch only where tensors are made: decode workers import this module without it
+    import torch
 
 MAX_IMAGE_BYTES = 32 << 20  # encoded size accepted from an upload or an archive
 MAX_PIXELS = 50_000_000  # declared width x height; more is refused before decoding (bombs)
@@ -73,7 +101,37 @@ WEBP_PIXEL_COST = 4  # a WebP pixel counts 4 in the budget: libwebp holds two RG
 STRIP_PIXELS = 1 << 20  # mode conversion and shrinking work on strips of about this many pixels
 WHITE = (255, 255, 255)
 
-REASONS = ("empty", "too_large", "not_an_image", "decompression_bomb", "truncated", "too_small", "undecodable")
+# Structure budget (too_complex). Measured costs are Pillow 13's on the 2-core development machine.
+# libjpeg's progressive mode writes 10 scans (6 for greyscale), baseline 1 (3 if not interleaved); 100 scans
+# cost libjpeg at most ~0.35 s at the 50 Mpx cap (each scan is a pass over the coefficients: a 16 Mpx file
+# of 1,000 tiny scans takes 1.1 s; nvImageCodec's own default cap is 256)
+JPEG_MAX_SCANS = 100
+# every marker segment outside the entropy data (APPn, DQT, DHT, SOS...): a 32 MiB file holds at most 512
+# full 64 KiB segments (a big ICC profile or XMP packet), plus a DHT per scan; Pillow parses those before
+# the first scan in Python at ~1.4 us each (2 M empty APP markers: 2.7 s)
+JPEG_MAX_SEGMENTS = 1000
+JPEG_MAX_HEADER_JUNK = 64 << 10  # stray or fill bytes between the header's segments: Pillow skips them one by one
+# libpng writes image data in 8 KiB IDAT chunks (4,096 in a 32 MiB file); an APNG adds 2-3 chunks a frame.
+# Pillow reads each chunk in Python at ~2 us, at open and again when decoding (2.5 M empty chunks: 5.5 s)
+PNG_MAX_CHUNKS = 20_000
+# what Pillow reads one at a time in Python before a GIF's first image (~0.4 us each): extension sub-blocks
+# and stray bytes. A 1 MB XMP packet is ~12,000 sub-blocks; a comment of 16 M one-byte blocks took 6.9 s.
+# Image data sub-blocks need no bound: the C decoder reads 16 M one-byte blocks of a 12 Mpx frame in 0.1 s
+GIF_MAX_HEADER_BLOCKS = 16_384
+# Pillow decodes RLE4/RLE8 BMPs in Python, ~0.3 us per 2-byte command (a 32 MB file of 16 M one-pixel
+# runs: 4.5 s); 4 MiB is about 0.6 s, and far more than real RLE images (icons, screenshots) hold
+BMP_RLE_MAX_BYTES = 4 << 20
+
+# Decode budget (too_costly), enforced by model.decode_pool's worker processes. The costliest legitimate
+# images the pixel budget allows, measured at the 1024 px input on the 2-core development machine: a 50 Mpx
+# progressive 4:4:4 JPEG (15 MB) 1.0 s of CPU and +290 MB of address space, the same in CMYK 0.8 s and
+# +385 MB, a 50 Mpx RGBA PNG 0.8 s and +210 MB.
+DECODE_CPU_S = 3  # whole seconds (RLIMIT_CPU counts seconds, so a job gets 3 to 4 s): 3x the costliest real one
+DECODE_MEMORY_MB = 1024  # address space above the worker's own at start: 2.6x the most a real image took
+DECODE_WALL_S = 15.0  # a worker shares the cores with the model and other workers; past this it is stuck
+
+REASONS = ("empty", "too_large", "not_an_image", "decompression_bomb", "too_complex", "truncated", "too_small",
+           "too_costly", "undecodable")
 
 # EXIF orientation -> the transpose that displays the stored pixels upright (as ImageOps.exif_transpose)
 _ORIENT = {
@@ -92,11 +150,15 @@ T = TypeVar("T")
 
 class ImageError(ValueError):
     """An input that cannot become a model input. ``reason`` is a short code for dead letters, one of
-    :data:`REASONS`; the message adds a short detail."""
+    :data:`REASONS`; the message adds a short ``detail``. ``declared`` is the (width, height) the header
+    declared when the refusal came after reading it (the HTTP API counts a request's pixels by it)."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", declared: tuple[int, int] | None = None):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail, self.declared = reason, detail, declared
+
+    def __reduce__(self):  # picklable with its fields (Ray, worker processes)
+        return type(self), (self.reason, self.detail, self.declared)
 
 
 def _as_image_error(e: Exception) -> ImageError:
@@ -250,14 +312,127 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+# -- the structure budget: units counted from the bytes (C-speed searches; Python visits only bounded units) --
+# A JPEG marker outside entropy-coded data: 0xFF then a code that is not stuffing (00), a restart marker
+# (D0-D7) or fill (FF). In entropy data every 0xFF is followed by 00 or a restart marker, so the first match
+# after a scan's header is the end of its data.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_SOS, _JPEG_EOI = 0xDA, 0xD9
+_JPEG_STANDALONE = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})  # TEM, SOI, RSTn: no length field
+_GIF_BLOCK = re.compile(rb"[!,;]")  # what Pillow looks for between a GIF's blocks: extension, image, trailer
+
+
+def _too_complex(what: str, count: int, limit: int) -> ImageError:
+    return ImageError("too_complex", f"{what}: more than {limit}" if count > limit else f"{what}: {count}")
+
+
+def _check_jpeg(data: bytes) -> None:
+    """Segments, scans and the header's stray bytes of a JPEG, walked from marker to marker: a segment is
+    skipped by its length, a scan's entropy data by one search for the next marker."""
+    n, pos, segments, scans, junk, header = len(data), 2, 0, 0, 0, True
+    while pos + 1 < n:
+        if data[pos] != 0xFF or data[pos + 1] in (0x00, 0xFF):  # not at a marker: stray bytes or fill
+            # before the first scan Pillow skips them a byte at a time: look no further than the limit
+            end = pos + JPEG_MAX_HEADER_JUNK - junk + 2 if header else n
+            found = _JPEG_MARKER.search(data, pos, end)
+            if found is None and end >= n:
+                return  # no further marker: the decoder says what is wrong
+            junk += (found.start() if found else end) - pos if header else 0
+            if junk > JPEG_MAX_HEADER_JUNK:
+                raise _too_complex("JPEG stray bytes between segments", junk, JPEG_MAX_HEADER_JUNK)
+            pos = found.start()
+        code = data[pos + 1]
+        if code == _JPEG_EOI:
+            return
+        segments += 1
+        if segments > JPEG_MAX_SEGMENTS:
+            raise _too_complex("JPEG marker segments", segments, JPEG_MAX_SEGMENTS)
+        if code in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        pos += 2 + max(2, int.from_bytes(data[pos + 2 : pos + 4], "big"))
+        if code == _JPEG_SOS:
+            scans, header = scans + 1, False
+            if scans > JPEG_MAX_SCANS:
+                raise _too_complex("JPEG scans", scans, JPEG_MAX_SCANS)
+            found = _JPEG_MARKER.search(data, pos)  # the end of this scan's entropy data
+            if found is None:
+                return
+            pos = found.start()
+
+
+def _check_png(data: bytes) -> None:
+    """The chunks of a PNG up to IEND, each skipped by its length."""
+    n, pos, chunks = len(data), 8, 0
+    while pos + 8 <= n:
+        chunks += 1
+        if chunks > PNG_MAX_CHUNKS:
+            raise _too_complex("PNG chunks", chunks, PNG_MAX_CHUNKS)
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+
+
+def _check_gif(data: bytes) -> None:
+    """What Pillow reads in Python before a GIF's first image: extension sub-blocks (runs of sub-blocks of
+    one length are skipped with a strided slice, in C) and stray bytes between blocks."""
+    n, units, limit = len(data), 0, GIF_MAX_HEADER_BLOCKS
+    pos = 13 + (3 << ((data[10] & 7) + 1) if n > 10 and data[10] & 0x80 else 0)  # header, global colour table
+    while pos < n:
+        kind = data[pos]
+        if kind in (0x2C, 0x3B):  # the first image (its data goes to the C decoder) or the trailer
+            return
+        if kind != 0x21:  # stray bytes: Pillow reads them one at a time (so look no further than the limit)
+            found = _GIF_BLOCK.search(data, pos, pos + limit - units + 1)
+            units += (found.start() if found else min(n, pos + limit - units + 1)) - pos
+            if units > limit:
+                raise _too_complex("GIF stray bytes and sub-blocks before the first image", units, limit)
+            if found is None:
+                return  # the file ends
+            pos = found.start()
+            continue
+        pos += 2  # "!" and the extension's label
+        while pos < n and (size := data[pos]):
+            step, look = size + 1, 64  # look at the next 64 sub-blocks' sizes, then 4 times as many...
+            while True:
+                run = data[pos : pos + step * min(look, limit - units + 1) : step]
+                same = len(run) - len(run.lstrip(bytes((size,))))  # consecutive sub-blocks of this size
+                units, pos = units + same, pos + step * same
+                if units > limit:
+                    raise _too_complex("GIF sub-blocks before the first image", units, limit)
+                if same < len(run) or pos >= n:
+                    break
+                look *= 4
+        pos += 1  # the terminating empty sub-block
+
+
+def _check_bmp(data: bytes) -> None:
+    compression = int.from_bytes(data[30:34], "little") if len(data) >= 34 else 0
+    if compression in (1, 2) and len(data) > BMP_RLE_MAX_BYTES:  # RLE8, RLE4
+        raise ImageError("too_complex", f"RLE BMP of {len(data)} bytes > {BMP_RLE_MAX_BYTES}")
+
+
+def check_structure(data: bytes) -> None:
+    """Refuse (``too_complex``) a file whose structure would cost more to parse than the structure budget
+    allows (see the module's doc), from its bytes alone: nothing is parsed by a decoder."""
+    if data[:3] == b"\xff\xd8\xff":
+        _check_jpeg(data)
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        _check_png(data)
+    elif data[:6] in (b"GIF87a", b"GIF89a"):
+        _check_gif(data)
+    elif data[:2] == b"BM":
+        _check_bmp(data)
+
+
 def _check_pixels(w: int, h: int, decoded: int, n_bytes: int, max_pixels: int) -> None:
     """Refuse ``w x h`` declared pixels that cost ``decoded`` in the budget, from ``n_bytes`` bytes."""
     if w <= 0 or h <= 0:
         raise ImageError("empty", "zero-sized image")
     if w * h > max_pixels:
-        raise ImageError("decompression_bomb", f"{w}x{h} pixels > {max_pixels}")
+        raise ImageError("decompression_bomb", f"{w}x{h} pixels > {max_pixels}", (w, h))
     if decoded > (budget := pixel_budget(n_bytes, max_pixels)):
-        raise ImageError("decompression_bomb", f"{w}x{h}: {decoded} pixels from {n_bytes} bytes > {budget}")
+        raise ImageError("decompression_bomb", f"{w}x{h}: {decoded} pixels from {n_bytes} bytes > {budget}", (w, h))
 
 
 def _window(w: int, h: int, orientation: int) -> tuple[int, int, int, int]:
@@ -265,7 +440,7 @@ def _window(w: int, h: int, orientation: int) -> tuple[int, int, int, int]:
     coordinates; a short side under ``MIN_SIDE`` is refused."""
     shown = (h, w) if orientation >= 5 else (w, h)
     if min(w, h) < MIN_SIDE:
-        raise ImageError("too_small", f"{shown[0]}x{shown[1]}: short side < {MIN_SIDE}")
+        raise ImageError("too_small", f"{shown[0]}x{shown[1]}: short side < {MIN_SIDE}", (w, h))
     return _stored_box(aspect_box(*shown), orientation, w, h)
 
 
@@ -279,6 +454,7 @@ def _open_checked(data: bytes, max_pixels: int) -> tuple[Image.Image, int, tuple
     is a PNG's top rows (decoding can stop at its bottom)."""
     if declared := _webp_size(data):  # libwebp allocates the canvas on open: its header is checked first
         _check_webp(declared, len(data), max_pixels)
+    check_structure(data)  # before Pillow parses anything: its header parsers are Python
     img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     w, h = img.size  # from the header: nothing decoded yet
     _check_pixels(w, h, 0, len(data), max_pixels)
@@ -315,23 +491,36 @@ def _decode(data: bytes, size: int | None, max_pixels: int) -> Image.Image:
     return out.transpose(_ORIENT[orientation]) if orientation in _ORIENT else out
 
 
+def _header(data: bytes, max_pixels: int, max_bytes: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """The stored (width, height) a header declares and the window decode would keep, after every check
+    decode makes before decoding."""
+    _check_bytes(data, max_bytes)  # inside the guard: a value that is not bytes is an ImageError too
+    if declared := _webp_size(data):  # not opened: PIL would allocate a WebP's canvas
+        _check_webp(declared, len(data), max_pixels)
+        return declared, _window(*declared, 1)  # a turn by EXIF orientation swaps the sides, not the long one
+    img, _, box, _ = _open_checked(data, max_pixels)
+    return img.size, box
+
+
 def long_side(data: bytes, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_IMAGE_BYTES) -> int:
     """The long side, px, of what :func:`decode` would return (the aspect rule applied), read from the
     header alone: nothing is decoded. Refuses, with the same :class:`ImageError`, all that
-    :func:`decode` refuses before decoding: empty, too large, too small, not an accepted format, more
-    pixels than the budget allows for the file's size. What only decoding finds (a broken body under a
-    good header) it does not see."""
+    :func:`decode` refuses before decoding: empty, too large, too small, not an accepted format, too
+    complex a structure, more pixels than the budget allows for the file's size. What only decoding finds
+    (a broken body under a good header) it does not see."""
 
     def read() -> int:
-        _check_bytes(data, max_bytes)  # inside the guard: a value that is not bytes is an ImageError too
-        if declared := _webp_size(data):  # not opened: PIL would allocate a WebP's canvas
-            _check_webp(declared, len(data), max_pixels)
-            box = _window(*declared, 1)  # a turn by EXIF orientation swaps the sides, not the long one
-        else:
-            _, _, box, _ = _open_checked(data, max_pixels)
+        _, box = _header(data, max_pixels, max_bytes)
         return max(box[2] - box[0], box[3] - box[1])
 
     return _guarded(read)
+
+
+def declared_size(data: bytes, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_IMAGE_BYTES) -> tuple[int, int]:
+    """The stored (width, height) the header declares, refusing all that :func:`long_side` refuses; when
+    the refusal came after the header was read, the :class:`ImageError`'s ``declared`` holds the size.
+    Nothing is decoded (the HTTP API's check before it sends an image to the model)."""
+    return _guarded(lambda: _header(data, max_pixels, max_bytes)[0])
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -356,8 +545,8 @@ def pad_to_square(img: Image.Image) -> Image.Image:
     return canvas
 
 
-def to_tensor(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Image -> normalized (3, size, size) float tensor: shrunk (or enlarged) so the long side is
+def to_array(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Image -> normalized (3, size, size) float32 array: shrunk (or enlarged) so the long side is
     ``size``, aspect kept, centred on a white square. Shrinking pads only the small image."""
     img = to_rgb(img)
     w, h = img.size
@@ -371,12 +560,19 @@ def to_tensor(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[
     img = pad_to_square(img)
     arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
     arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, H, W)
+
+
+def to_tensor(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """:func:`to_array` as a torch tensor."""
+    import torch
+
+    return torch.from_numpy(to_array(img, size, mean, std))
 
 
 class Preprocessor:
-    """The inference transform of one model: bytes or PIL image -> tensor. Raises only
-    :class:`ImageError`."""
+    """The inference transform of one model: bytes or PIL image -> tensor (or, with :meth:`array`, the same
+    numbers as a numpy array: what a decode worker sends back). Raises only :class:`ImageError`."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
@@ -386,12 +582,18 @@ class Preprocessor:
         return cls(cfg.image_size, cfg.mean, cfg.std)
 
     def __call__(self, image: bytes | Image.Image) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(self.array(image))
+
+    def array(self, image: bytes | Image.Image) -> np.ndarray:
+        """(3, S, S) float32."""
         if isinstance(image, bytes | bytearray | memoryview):
             img = decode(image, self.image_size)
-            return _guarded(lambda: to_tensor(img, self.image_size, self.mean, self.std))
+            return _guarded(lambda: to_array(img, self.image_size, self.mean, self.std))
         return _guarded(lambda: self._from_pil(image))
 
-    def _from_pil(self, image: Image.Image) -> torch.Tensor:
+    def _from_pil(self, image: Image.Image) -> np.ndarray:
         w, h = image.size
         if w <= 0 or h <= 0:
             raise ImageError("empty", "zero-sized image")
@@ -399,9 +601,11 @@ class Preprocessor:
             raise ImageError("too_small", f"{w}x{h}: short side < {MIN_SIDE}")
         box = aspect_box(w, h)
         img = _region_rgb(image, box, _shrink_factor(box, self.image_size))
-        return to_tensor(img, self.image_size, self.mean, self.std)
+        return to_array(img, self.image_size, self.mean, self.std)
 
     def batch(self, images: Sequence[bytes | Image.Image]) -> torch.Tensor:
+        import torch
+
         return torch.stack([self(im) for im in images])
 
 

@@ -3,7 +3,8 @@
     input (prefix of image files | manifest Parquet | Dan:mul dataset)
       -> skip posts already in OUT (resume)
       -> fetch + decode + preprocess        CPU tasks (bad images become error rows, never failures; a fetch
-                                            failure that may pass is counted and left for the next run)
+                                            failure that may pass is counted and left for the next run; each
+                                            image decoded in a worker process within a CPU and memory budget)
       -> predict                            actor pool, Tagger loaded once per actor (a GPU each if any):
                                             only predicts, returning columns
       -> write                              tasks: one results file and one errors file per block,
@@ -212,17 +213,19 @@ def _missing(value) -> bool:
 
 @functools.lru_cache(maxsize=4)
 def _decoder(checkpoint: str, endpoint_url: str | None, fetch_timeout_s: float | None = None):
-    """The checkpoint's preprocessing and a fetcher, made once per worker process (Ray reuses workers
-    across tasks): reading config.json and opening object-storage clients per batch would repeat I/O."""
+    """A decode worker for the checkpoint's preprocessing (one image at a time, within model.preprocess's
+    CPU and memory budget per image, as the streaming tagger's) and a fetcher, made once per Ray worker
+    process (Ray reuses workers across tasks): reading config.json, starting a decode process and opening
+    object-storage clients per batch would repeat the work."""
     from ingest.fetch import FETCH_TIMEOUT_S, ImageFetcher
     from ingest.storage import Storage
     from model.checkpoint import read_config
-    from model.preprocess import Preprocessor
+    from model.decode_pool import DecodePool
 
-    pre = Preprocessor.from_config(read_config(Storage(checkpoint, endpoint_url)))
+    pool = DecodePool.for_config(read_config(Storage(checkpoint, endpoint_url)), workers=1)
     timeout_s = FETCH_TIMEOUT_S if fetch_timeout_s is None else fetch_timeout_s
     # the archive is the operator's own: any path
-    return pre, ImageFetcher(["/"], endpoint_url=endpoint_url, timeout_s=timeout_s)
+    return pool, ImageFetcher(["/"], endpoint_url=endpoint_url, timeout_s=timeout_s)
 
 
 def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str | None,
@@ -232,9 +235,9 @@ def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str
     from ingest.queue import BAD_POST_ID, UNSUPPORTED_URI, BadUpload
     from model.preprocess import ImageError
 
-    pre, fetcher = _decoder(checkpoint, endpoint_url, fetch_timeout_s)
+    pool, fetcher = _decoder(checkpoint, endpoint_url, fetch_timeout_s)
     n = len(batch["post_id"])
-    pixels = np.zeros((n, 3, pre.image_size, pre.image_size), dtype=np.float32)
+    pixels = np.zeros((n, 3, pool.image_size, pool.image_size), dtype=np.float32)
     reasons, details = [""] * n, [""] * n
     retry = np.zeros(n, dtype=bool)  # failed for a reason that may pass: not recorded, so a re-run tries again
     down: set[str] = set()  # stores that did not answer in this batch: the rest of their images wait too
@@ -251,7 +254,7 @@ def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str
                 if store in down:  # a second of client retries per image would only say it again
                     raise FetchRetry(f"{uri[:200]}: not tried, {store} did not answer earlier in this batch")
                 image = fetcher.fetch(uri)
-            pixels[i] = pre(bytes(image)).numpy()
+            pixels[i] = pool.preprocess(bytes(image))  # a decode over its budget is stopped: too_costly
         except (ImageError, BadUpload) as e:
             reasons[i], details[i] = e.reason, str(e)[:300]
         except FetchRetry as e:

@@ -22,7 +22,7 @@ class FakeModel:
     raises ActorDiedError (as a handle does when the replica died) when the poison bytes are in the call."""
 
     def __init__(self, delay: float = 0.0):
-        self.tag_many, self.delay, self.calls = self, delay, []
+        self.tag_many, self.delay, self.calls, self.cancelled = self, delay, [], 0
 
     def remote(self, images, tags, *args):
         self.calls.append(len(images))
@@ -30,7 +30,11 @@ class FakeModel:
         async def answer():
             from ray.exceptions import ActorDiedError
 
-            await asyncio.sleep(self.delay)
+            try:
+                await asyncio.sleep(self.delay)
+            except asyncio.CancelledError:  # as Serve cancels the request on the replica
+                self.cancelled += 1
+                raise
             if any(bytes(i) == POISON for i in images):
                 raise ActorDiedError()
             return [dict(GOOD) for _ in images]

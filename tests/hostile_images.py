@@ -138,6 +138,171 @@ def svg() -> bytes:
             b'<rect width="64" height="64" fill="red"/></svg>\n')  # fmt: skip
 
 
+# -- files whose structure costs more than their pixels (issue 23, item 2 and 5; costs with Pillow 13) ----------
+
+
+def jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker code, start, end) of each segment of a JPEG after SOI; a scan's end includes its entropy data.
+    A plain walk for building test files (the code under test has its own)."""
+    import re
+
+    marker = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+    out, pos = [], 2
+    while pos + 1 < len(data):
+        code = data[pos + 1]
+        if code == 0xD9:
+            out.append((code, pos, pos + 2))
+            break
+        end = pos + 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        if code == 0xDA:
+            end = marker.search(data, end).start()
+        out.append((code, pos, end))
+        pos = end
+    return out
+
+
+def progressive_jpeg(side: int = 4000) -> bytes:
+    """A flat grey ``side x side`` progressive JPEG from libjpeg: 6 scans, the AC ones a few bytes each."""
+    return encode(Image.new("L", (side, side), 128), "JPEG", progressive=True, quality=90)
+
+
+def repeated_scan_jpeg(scans: int, side: int = 4000) -> bytes:
+    """The issue's CPU bomb: a progressive JPEG whose smallest scan is repeated until the file has ``scans``
+    scans. Each costs libjpeg a pass over every block (1,000 scans at 16 Mpx: ~1 s; 10,000: ~10 s)."""
+    base = progressive_jpeg(side)
+    segs = jpeg_segments(base)
+    _, start, end = min((e - s, s, e) for code, s, e in segs if code == 0xDA)
+    have = sum(code == 0xDA for code, _, _ in segs)
+    return base[:end] + base[start:end] * (scans - have) + base[end:]
+
+
+def empty_app_markers_jpeg(markers: int = 2_000_000) -> bytes:
+    """A 64 x 64 JPEG with ``markers`` empty APP15 segments after SOI: 8 MB for 2 M (Pillow's header parser
+    reads each in Python: 2.7 s, and libjpeg again: 3 s)."""
+    small = encode(Image.new("RGB", (64, 64), (200, 30, 30)), "JPEG")
+    return small[:2] + b"\xff\xef\x00\x02" * markers + small[2:]
+
+
+def empty_chunks_png(chunks: int = 2_500_000) -> bytes:
+    """A 64 x 64 PNG with ``chunks`` empty private chunks before its image data: 30 MB for 2.5 M (Pillow
+    reads each in Python: 5.5 s to open)."""
+    png = encode(Image.new("RGB", (64, 64), (200, 30, 30)), "PNG")
+    at = png.index(b"IDAT") - 4
+    return png[:at] + png_chunk(b"prVt", b"") * chunks + png[at:]
+
+
+def one_byte_blocks_gif(blocks: int = 16_000_000) -> bytes:
+    """A 64 x 64 GIF with a comment of ``blocks`` one-byte sub-blocks before its image: 32 MB for 16 M
+    (Pillow reads each in Python when it opens the file: 6.9 s, and again to decode)."""
+    gif = encode(Image.new("P", (64, 64), 1), "GIF")
+    at = gif.index(b",", 13)  # the image descriptor, after the header and the global colour table
+    return gif[:at] + b"!\xfe" + b"\x01c" * blocks + b"\x00" + gif[at:]
+
+
+def rle_bmp(width: int, height: int, body: bytes) -> bytes:
+    """An 8-bit RLE BMP (BI_RLE8) with a grey palette and ``body`` as its commands."""
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(body), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body
+
+
+def one_pixel_runs_bmp(side: int = 4000) -> bytes:
+    """``side x side`` RLE8 of one-pixel runs: 32 MB of commands Pillow decodes in Python (4.5 s)."""
+    return rle_bmp(side, side, (b"\x01\x07" * side + b"\x00\x00") * side + b"\x00\x01")
+
+
+def big_eps(n_bytes: int = 8 << 20) -> bytes:
+    """An EPS Pillow would read a byte at a time in Python to find its header (8 MB: 2 s; the issue's
+    63 MiB: 15 s): never parsed, it is not an accepted format."""
+    line = b"x" * 200 + b"\n"
+    return eps() + line * (n_bytes // len(line))
+
+
+# -- real files with much structure, which must keep decoding --------------------------------------------------
+
+
+def photo_pixels(w: int = 96, h: int = 64) -> Image.Image:
+    """A smooth RGB image with some noise (JPEG-friendly, so DCT differences stay small)."""
+    rng = np.random.default_rng(SEED + 4)
+    y, x = np.mgrid[0:h, 0:w]
+    a = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (w + h)], axis=-1).astype(np.int16)
+    a += rng.integers(-8, 9, size=a.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def many_scans_jpeg(scans: int = 64) -> bytes:
+    """A colour progressive JPEG from libjpeg (10 scans, Huffman tables written before the scans that use
+    them, as mozjpeg does too) with its first-pass scans repeated, tables and all, to ``scans`` in all: a
+    repeated first pass sets the same coefficients again, so it is the same image, with 6 times the scans
+    (more than any encoder writes by default; under ``JPEG_MAX_SCANS``)."""
+    base = encode(photo_pixels(), "JPEG", progressive=True, quality=90)
+    segs = jpeg_segments(base)
+    first = [s for code, s, e in segs if code == 0xDA and base[e - 2] >> 4 == 0]  # Ah = 0: a first pass
+    extra = scans - sum(code == 0xDA for code, _, _ in segs)
+    repeats = {s: extra // len(first) + (i < extra % len(first)) for i, s in enumerate(first)}
+    out, tables = bytearray(base[:2]), b""
+    for code, s, e in segs:
+        if code == 0xC4:  # held until its scan, so a repeat carries its own table
+            tables += base[s:e]
+        elif code == 0xDA:
+            out += (tables + base[s:e]) * (1 + repeats.get(s, 0))
+            tables = b""
+        else:
+            out += tables + base[s:e]
+            tables = b""
+    return bytes(out)
+
+
+def restart_every_mcu_jpeg() -> bytes:
+    """A baseline JPEG with a restart marker after every MCU (RST markers are not segments)."""
+    return encode(photo_pixels(), "JPEG", quality=90, restart_marker_blocks=1)
+
+
+def exif_thumbnail_jpeg() -> bytes:
+    """A JPEG whose EXIF block carries a JPEG thumbnail (its own SOI, scans and EOI inside APP1)."""
+    thumb = encode(photo_pixels(32, 24), "JPEG", quality=80)
+    ifd0 = struct.pack("<H", 1) + struct.pack("<HHII", 0x0112, 3, 1, 1) + struct.pack("<I", 26)  # next: IFD1
+    ifd1 = struct.pack("<H", 2) + struct.pack("<HHII", 0x0201, 4, 1, 56) + struct.pack("<HHII", 0x0202, 4, 1,
+                                                                                        len(thumb))  # fmt: skip
+    tiff = b"II*\x00" + struct.pack("<I", 8) + ifd0 + ifd1 + struct.pack("<I", 0)
+    assert len(tiff) == 56
+    return encode(photo_pixels(), "JPEG", quality=90, exif=b"Exif\x00\x00" + tiff + thumb)
+
+
+def split_icc_jpeg(profile_bytes: int = 1 << 20) -> bytes:
+    """A JPEG with a 1 MiB ICC profile, split by Pillow over 17 APP2 segments. The profile's bytes are
+    random, so they hold thousands of 0xFF pairs that look like markers: the walk must skip them by
+    length. (Not a valid profile, which decoding does not read.)"""
+    rng = np.random.default_rng(SEED + 5)
+    return encode(photo_pixels(), "JPEG", quality=90, icc_profile=rng.bytes(profile_bytes))
+
+
+def text_chunks_png(chunks: int = 200) -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for i in range(chunks):
+        info.add_text(f"k{i}", "value " * 10, zip=bool(i % 2))
+    return encode(photo_pixels(), "PNG", pnginfo=info)
+
+
+def small_idat_png() -> bytes:
+    """A 1,024 x 1,024 PNG of noise in 8 KiB IDAT chunks, as libpng writes them (~400 chunks)."""
+    img = Image.fromarray(np.random.default_rng(SEED + 6).integers(0, 255, (1024, 1024), dtype=np.uint8))
+    png = encode(img, "PNG", compress_level=1)
+    ihdr_end = png.index(b"IDAT") - 4
+    iend = png.rindex(b"IEND") - 4
+    pos, data = ihdr_end, b""
+    while pos < iend:  # gather the image data, then split it again
+        length = struct.unpack(">I", png[pos : pos + 4])[0]
+        if png[pos + 4 : pos + 8] == b"IDAT":
+            data += png[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    return png[:ihdr_end] + b"".join(png_chunk(b"IDAT", data[i : i + 8192]) for i in range(0, len(data), 8192)) + (
+        png[iend:])
+
+
 @functools.cache
 def _corpus() -> tuple[tuple[str, bytes, str], ...]:
     rng = np.random.default_rng(SEED + 3)
@@ -182,6 +347,22 @@ def _corpus() -> tuple[tuple[str, bytes, str], ...]:
         ("zero_bytes", b"", "empty"),
         ("random_bytes", rng.bytes(2048), "not_an_image"),
         ("gif_header_only", b"GIF89a this is not really a gif", "not_an_image"),
+        # structure that costs more than its pixels (refused from the bytes, before any decoder)
+        ("progressive_4000x4000_1000_scans.jpg", repeated_scan_jpeg(1_000), "too_complex"),
+        ("progressive_4000x4000_10000_scans.jpg", repeated_scan_jpeg(10_000), "too_complex"),
+        ("jpeg_2M_empty_app_markers.jpg", empty_app_markers_jpeg(), "too_complex"),
+        ("png_2.5M_empty_chunks.png", empty_chunks_png(), "too_complex"),
+        ("gif_16M_one_byte_blocks.gif", one_byte_blocks_gif(), "too_complex"),
+        ("bmp_rle8_4000x4000_one_pixel_runs.bmp", one_pixel_runs_bmp(), "too_complex"),
+        ("postscript_8MB.eps", big_eps(), "not_an_image"),
+        # real files with much structure
+        ("progressive_libjpeg.jpg", encode(photo_pixels(), "JPEG", quality=90, progressive=True), "ok"),
+        ("progressive_64_scans_table_per_scan.jpg", many_scans_jpeg(), "ok"),
+        ("restart_every_mcu.jpg", restart_every_mcu_jpeg(), "ok"),
+        ("exif_thumbnail.jpg", exif_thumbnail_jpeg(), "ok"),
+        ("icc_1MiB_in_17_app2.jpg", split_icc_jpeg(), "ok"),
+        ("text_chunks.png", text_chunks_png(), "ok"),
+        ("idat_8KiB_chunks.png", small_idat_png(), "ok"),
     ]
     return tuple(items)
 

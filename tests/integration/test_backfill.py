@@ -255,3 +255,25 @@ def test_a_store_that_does_not_answer_is_tried_once_per_batch(s3_endpoint, tiny_
     assert out["retry"].tolist() == [True] * 4 + [False] and out["reason"][4] == ""
     assert "NETWORK_CONNECTION" in out["detail"][0]
     assert all("not tried, s3://danmul-down did not answer earlier in this batch" in d for d in out["detail"][1:4])
+
+
+def test_the_decode_step_refuses_what_the_streaming_tagger_refuses(tiny_rows, tiny_checkpoint):
+    """The backfill decodes in the same decode pool, with the same structure, pixel and CPU budgets: the
+    issue's CPU bombs and costly structures become error rows (fast), the good image beside them decodes."""
+    from hostile_images import corpus
+
+    from model.checkpoint import read_config
+    from model.preprocess import Preprocessor
+    from ray_jobs.backfill import decode_rows
+
+    names = ["progressive_4000x4000_10000_scans.jpg", "jpeg_2M_empty_app_markers.jpg", "png_2.5M_empty_chunks.png",
+             "gif_16M_one_byte_blocks.gif", "postscript_8MB.eps", "bomb_1bit_9000x6000.png"]  # fmt: skip
+    images = [corpus()[n][0] for n in names] + [tiny_rows[0]["image"]]
+    n = len(images)
+    batch = {"post_id": np.arange(1, n + 1), "image": np.array(images, dtype=object),
+             "image_uri": np.array([None] * n, dtype=object), "tags": np.array([None] * n, dtype=object)}
+    out = decode_rows(batch, tiny_checkpoint, None)
+    assert list(out["reason"]) == [corpus()[name][1] for name in names] + [""]
+    assert not out["retry"].any()
+    pre = Preprocessor.from_config(read_config(tiny_checkpoint))
+    assert np.array_equal(out["pixels"][-1], pre.array(images[-1]))

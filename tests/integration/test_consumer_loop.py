@@ -43,6 +43,18 @@ def test_a_model_that_never_answers_is_abandoned_and_named_in_the_dead_letter(re
     assert c.xpending(Keys().uploads, "danmul-taggers")["pending"] == 0
 
 
+def test_a_grouped_call_its_uploads_all_gave_up_on_is_cancelled(redis_server):
+    """The uploads of a group each wait ``model_timeout_s``; once none waits, the call itself is cancelled
+    (Serve then cancels the replica's request, and its decode workers stop), not left running for nobody."""
+    c = redis.Redis(port=redis_server.port)
+    for i in range(6):
+        enqueue(c, Keys(), i, image=b"img")
+    model = FakeModel(delay=3600)
+    consume(redis_server.url, model, lambda c: ended(c, 6) and model.cancelled >= len(model.calls),
+            model_timeout_s=0.3, claim_idle_s=0.5, max_deliveries=2)  # fmt: skip
+    assert model.cancelled == len(model.calls) and max(model.calls) > 1  # grouped calls included
+
+
 def test_a_stop_leaves_an_unanswered_upload_pending_instead_of_waiting_out_the_model_timeout(redis_server):
     """A stop deletes the model with the consumers, so a call in flight may never be answered: it gets
     STOP_GRACE_S, then its upload stays pending for the next start, named ``model_unavailable``; the stop

@@ -24,6 +24,7 @@ from ray_jobs.local_redis import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MB = 1 << 20
+HTTP_PORT = free_port()  # every app of the module: Serve's proxy keeps the port of the first deploy
 UPLOAD_REASONS = {"missing_post_id", "bad_post_id", "missing_image", "bad_tags", "bad_image_uri", "not_found",
                   "forbidden_path", "forbidden_bucket", "forbidden_address", "unsupported_uri", "too_large",
                   "max_deliveries", "poison", "internal_error", "deleted", "bad_request", "model_error",
@@ -126,7 +127,7 @@ def test_hostile_uploads_batched_with_good_ones(ray_cluster, module_redis, tiny_
     older = add("result", {"post_id": "7000", "image": tiny_rows[1]["image"]})
     newer = add("result", {"post_id": "7000", "image": tiny_rows[2]["image"]})
 
-    s = ServeSettings(checkpoint=tiny_checkpoint, redis=module_redis.url, prefix=keys.prefix, http_port=free_port(),
+    s = ServeSettings(checkpoint=tiny_checkpoint, redis=module_redis.url, prefix=keys.prefix, http_port=HTTP_PORT,
                       metrics_port=free_port(), local_roots=str(root), max_in_flight=32, claim_idle_s=3,
                       stream_retention_s=0, trim_interval_s=1, max_in_flight_bytes=64 * MB)  # fmt: skip
     c.xdel(keys.uploads, ghost)
@@ -242,7 +243,7 @@ def property_app(ray_cluster, module_redis, tiny_checkpoint, tmp_path_factory):
     from deploy.settings import ServeSettings
 
     root = tmp_path_factory.mktemp("roots")
-    deploy(ServeSettings(checkpoint=tiny_checkpoint, redis=module_redis.url, prefix="prop:", http_port=free_port(),
+    deploy(ServeSettings(checkpoint=tiny_checkpoint, redis=module_redis.url, prefix="prop:", http_port=HTTP_PORT,
                          metrics_port=free_port(), local_roots=str(root), claim_idle_s=5))
     yield replicas("TaggerModel")
     undeploy()
@@ -263,3 +264,103 @@ def test_any_entry_ends_in_one_result_or_one_dead_letter_with_a_known_reason(pro
     assert replicas("TaggerModel") == property_app  # no model replica died
     assert c.xpending(keys.uploads, "danmul-taggers")["pending"] == 0
 
+
+
+# -- CPU bombs: the issue's progressive JPEGs among good uploads, and a cancelled call's decode -----------------
+def test_cpu_bombs_are_dead_lettered_while_good_uploads_and_calls_go_on(ray_cluster, module_redis, tiny_checkpoint,
+                                                                         tiny_rows):  # fmt: skip
+    """Issue 23's case: two 1.3 MB progressive JPEGs of 40,000 tiny scans (each ~40 s of libjpeg's time at
+    16 Mpx, and their decodes used to run on after the consumer gave up) among 20 good uploads: the bombs
+    end as ``too_complex`` dead letters, every good upload is tagged, and /v1/tag and /health answer."""
+    import requests
+    from hostile_images import repeated_scan_jpeg
+
+    from deploy.app import deploy, undeploy
+    from deploy.settings import ServeSettings
+
+    keys = Keys("bomb:")
+    c = redis.Redis(port=module_redis.port)
+    bomb = repeated_scan_jpeg(40_000)
+    bombs = [enqueue(c, keys, 900 + i, image=bomb).decode() for i in range(2)]
+    good = [enqueue(c, keys, i, image=tiny_rows[i % len(tiny_rows)]["image"]).decode() for i in range(20)]
+    s = ServeSettings(checkpoint=tiny_checkpoint, redis=module_redis.url, prefix=keys.prefix, http_port=HTTP_PORT,
+                      metrics_port=free_port(), claim_idle_s=3)  # fmt: skip
+    deploy(s)
+    try:
+        base = f"http://127.0.0.1:{HTTP_PORT}"
+        tagged = requests.post(f"{base}/v1/tag", data=tiny_rows[0]["image"], timeout=60)
+        refused = requests.post(f"{base}/v1/tag", data=bomb, timeout=60)
+        wait_until_ended(c, keys, [*bombs, *good])
+        results, dead = outcomes(c, keys)
+        assert dead == {b: b"too_complex" for b in bombs}, dead
+        assert all(results[g] == 1 for g in good)
+        assert tagged.status_code == 200 and tagged.json()["characters"] is not None, tagged.text
+        assert refused.status_code == 422 and refused.json()["error"] == "too_complex", refused.text
+        assert requests.get(f"{base}/health", timeout=30).json()["status"] == "ok"
+        [entry] = [e for _, e in c.xrange(keys.dead, count=1)]
+        assert b"JPEG scans" in entry[b"detail"]
+    finally:
+        undeploy()
+
+
+def spinning_decoder():
+    """A deployment that decodes nothing but the decode pool's test job (it burns CPU until stopped), to
+    see what a cancelled Serve request does to the worker doing it."""
+    from ray import serve
+
+    @serve.deployment(max_ongoing_requests=8)
+    class Spinner:
+        def __init__(self):
+            from model.decode_pool import DecodePool
+
+            self.pool = DecodePool(1, cpu_s=3600, wall_s=3600)  # no budget would stop it for an hour
+
+        def pids(self) -> list[int]:
+            return self.pool.pids()
+
+        async def spin(self) -> None:
+            from model.decode_pool import SPIN
+
+            await self.pool._run_async(SPIN, b"")
+
+        async def check(self, data: bytes) -> tuple[int, int]:
+            return await self.pool.check_async(data)
+
+    return Spinner
+
+
+def test_a_serve_request_its_caller_cancels_kills_the_decode_worker_doing_it(ray_cluster, tiny_rows):
+    from ray import cloudpickle, serve
+
+    from model.preprocess import declared_size
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    handle = serve.run(spinning_decoder().options(ray_actor_options={"num_cpus": 0.25}).bind(), name="spin",
+                       route_prefix=None)  # fmt: skip
+    try:
+        [pid] = handle.pids.remote().result(timeout_s=60)
+        call = handle.spin.remote()
+        busy = time.monotonic() + 60
+        while cpu_ticks(pid) < 50:  # the worker is spinning on the request (half a second of CPU)
+            assert time.monotonic() < busy, "the worker never spun"
+            time.sleep(0.1)
+        call.cancel()
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{pid}"):  # killed and reaped: long before an hour's budget
+            assert time.monotonic() < deadline, "the worker outlived its cancelled request"
+            time.sleep(0.1)
+        image = tiny_rows[0]["image"]
+        assert handle.check.remote(image).result(timeout_s=60) == declared_size(image)  # by a fresh worker
+        assert handle.pids.remote().result(timeout_s=60) not in ([], [pid])
+    finally:
+        serve.delete("spin")
+
+
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU time of a process, in clock ticks (usually 100 a second); 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0
+    return int(fields[11]) + int(fields[12])

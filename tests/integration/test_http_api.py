@@ -284,6 +284,56 @@ def test_too_many_files_pixels_or_bytes_are_413(app, tiny_rows):
     assert r.status_code == 413 and r.json()["field"] == "body"
 
 
+def test_hostile_images_are_refused_by_the_check_while_good_calls_answer(app, tiny_rows):
+    """The issue's files, at sizes the test app's 4 MiB body limit lets in, six of each at once with good
+    calls among them: each is refused with its reason (an EPS is never parsed; the others by their
+    structure), the good calls are tagged, and nothing reaches the model that the model would refuse."""
+    from hostile_images import (
+        big_eps,
+        empty_app_markers_jpeg,
+        empty_chunks_png,
+        one_byte_blocks_gif,
+        repeated_scan_jpeg,
+    )
+
+    image = tiny_rows[0]["image"]
+    hostile = {"not_an_image": big_eps(3 << 20), "too_complex": repeated_scan_jpeg(10_000)}
+    more = [empty_app_markers_jpeg(1_000_000), empty_chunks_png(300_000), one_byte_blocks_gif(1_500_000)]
+    assert all(len(d) < MAX_REQUEST_BYTES - 1024 for d in [*hostile.values(), *more])
+    calls = [(reason, data) for reason, data in hostile.items() for _ in range(6)] + [("too_complex", d) for d in more]
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENCY - 1) as pool:
+        answers = [pool.submit(v1_tag, data=data, headers={"content-type": "application/octet-stream"})
+                   for _, data in calls]  # fmt: skip
+        good = [v1_tag(data=image, headers={"content-type": "image/jpeg"}) for _ in range(3)]
+        for (reason, _), answer in zip(calls, answers, strict=True):
+            r = answer.result()
+            assert r.status_code in (422, 503), r.text  # 503: no slot free within half a second (busy API)
+            if r.status_code == 422:
+                assert (r.json()["error"], r.json()["field"]) == (reason, "file"), r.text
+    assert all(r.status_code in (200, 503) for r in good) and any(r.status_code == 200 for r in good)
+    r = evaluate([("file", ("bomb.jpg", hostile["too_complex"])), ("file", ("a.jpg", image)),
+                  ("file", ("a.eps", hostile["not_an_image"][:100_000]))])  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert [o.get("error") for o in r.json()] == ["too_complex", None, "not_an_image"] and r.json()[1]["tags"]
+
+
+def test_no_interactive_documentation_and_metrics_only_where_the_api_listens(app):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        for headers in ({}, AUTH):
+            assert requests.get(f"{BASE}{path}", headers=headers, timeout=30).status_code == 404, path
+    # the app listens on 127.0.0.1 (--http-host's default), and so does the node's metrics endpoint
+    port = f"{app.settings.metrics_port:04X}"
+    listening = set()
+    for table, any_address in (("/proc/net/tcp", "00000000"), ("/proc/net/tcp6", "0" * 32)):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, _, at = local.partition(":")
+                if at == port and state == "0A":  # LISTEN
+                    listening.add("any" if address == any_address else address)
+    assert listening == {"0100007F"}, listening  # 127.0.0.1, nothing else
+
+
 # -- bad calls hammered while uploads flow through the stream ----------------------------------------------------
 def test_bad_calls_hammered_while_uploads_flow_leave_the_stream_exactly_once(app, tiny_rows):
     c = app.redis

@@ -84,6 +84,16 @@ def test_rayservice_serves_the_app_builder_with_valid_settings_on_gpus():
     assert serve_config["http_options"]["host"] == "0.0.0.0" and settings.http_host == "0.0.0.0"
 
 
+def test_the_metrics_endpoint_listens_where_the_api_does_unless_told():
+    from deploy.runtime import replica_env
+
+    host = lambda **kw: replica_env(ServeSettings(checkpoint="m", **kw))["DANMUL_METRICS_HOST"]  # noqa: E731
+    assert host() == "127.0.0.1"  # a local API: local metrics
+    assert host(http_host="0.0.0.0") == "0.0.0.0"  # the RayService: Prometheus scrapes the pods
+    assert host(metrics_host="0.0.0.0") == "0.0.0.0"  # a local API, metrics for a Prometheus elsewhere
+    assert build_parser().parse_args(["serve", "--metrics-host", "0.0.0.0"]).metrics_host == "0.0.0.0"
+
+
 def test_rayjobs_run_real_cli_commands_on_gpus():
     parser = build_parser()
     for name, command in (("rayjob-train.yaml", "train"), ("rayjob-backfill.yaml", "backfill")):

@@ -27,10 +27,9 @@ from deploy.http import (
     TAG_PARAMS,
     ApiError,
     Part,
-    check_pixels,
+    check_images,
     collect,
     file_name,
-    image_pixels,
     key_matches,
     load_api_keys,
     parse_format,
@@ -198,15 +197,37 @@ def test_arbitrary_values_are_accepted_or_refused_with_400(raw):
 
 
 # -- pixels -------------------------------------------------------------------------------------------------
-def test_pixels_are_read_from_headers():
-    assert image_pixels(png(300, 200, "RGB")) == 60_000
-    assert image_pixels(b"not an image") is None
-    assert image_pixels(b"") is None
-    assert image_pixels(png(20_000, 10_000)) == float("inf")  # PIL's own bomb bound: over ours anyway
-    check_pixels([png(6000, 5000), png(6000, 5000), b"garbage"])  # 60 Mpx: under the bound
-    e = refused(check_pixels, [png(6000, 5000), png(6000, 5000), png(1000, 5000)])
-    assert (e.status, e.field) == (413, "file")
-    assert MAX_REQUEST_PIXELS == 64_000_000
+def test_images_are_checked_in_worker_processes_and_their_declared_pixels_bounded():
+    from hostile_images import big_eps, empty_app_markers_jpeg, repeated_scan_jpeg
+
+    from model.decode_pool import DecodePool
+
+    pool = DecodePool(2)
+    try:
+        def check(images: list[bytes]) -> list[str | None]:
+            return [r and r.reason for r in asyncio.run(check_images(pool, images))]
+
+        assert check([png(300, 200, "RGB"), b"not an image", b"", big_eps(), repeated_scan_jpeg(10_000),
+                      empty_app_markers_jpeg(), png(7000, 7000)]) == [
+            None, "not_an_image", "empty", "not_an_image", "too_complex", "too_complex", "decompression_bomb"]
+        # what the headers declare counts, refused or not: 60 Mpx is under the bound, 65 Mpx over it
+        assert check([png(6000, 5000), png(6000, 5000), b"garbage"]) == ["decompression_bomb"] * 2 + ["not_an_image"]
+        with pytest.raises(ApiError) as e:
+            asyncio.run(check_images(pool, [png(6000, 5000), png(6000, 5000), png(1000, 5000)]))
+        assert (e.value.status, e.value.field) == (413, "file")
+        # over Pillow's own bound (2 x 89 Mpx) the size is never read: refused as a bomb, not counted
+        assert check([png(20_000, 10_000)]) == ["decompression_bomb"]
+        assert MAX_REQUEST_PIXELS == 64_000_000
+    finally:
+        pool.close()
+
+
+def test_no_interactive_documentation_is_served():
+    from deploy.http import api
+
+    assert api.docs_url is None and api.redoc_url is None and api.openapi_url is None
+    paths = {getattr(route, "path", None) for route in api.routes}
+    assert not paths & {"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"}, paths
 
 
 # -- API keys -------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 
+import hostile_images as H
 import numpy as np
 import pytest
 import torch
@@ -28,6 +29,8 @@ from model.preprocess import (
     Preprocessor,
     TrainAugment,
     aspect_box,
+    check_structure,
+    declared_size,
     decode,
     long_side,
     pad_to_square,
@@ -170,8 +173,8 @@ def test_train_augment_is_separate_and_mild():
 
 
 def test_corpus_is_importable_and_well_formed():
-    assert set(REASONS) == {"empty", "too_large", "not_an_image", "decompression_bomb", "truncated", "too_small",
-                            "undecodable"}  # fmt: skip
+    assert set(REASONS) == {"empty", "too_large", "not_an_image", "decompression_bomb", "too_complex", "truncated",
+                            "too_small", "too_costly", "undecodable"}  # fmt: skip
     assert all(isinstance(d, bytes) and exp in {"ok", *REASONS} for d, exp in CORPUS.values())
     assert len(CORPUS["line_2x2000000.png"][0]) < 10_000  # 4 Mpx in a few KB
     assert corpus() == CORPUS  # deterministic
@@ -342,6 +345,130 @@ def test_any_exception_becomes_undecodable(monkeypatch, exc):
         assert err.value.reason == "undecodable" and type(exc).__name__ in str(err.value), where
 
 
+# -- the structure budget (too_complex) ---------------------------------------------------------------------
+
+ATTACKS = ["progressive_4000x4000_1000_scans.jpg", "progressive_4000x4000_10000_scans.jpg",
+           "jpeg_2M_empty_app_markers.jpg", "png_2.5M_empty_chunks.png", "gif_16M_one_byte_blocks.gif",
+           "bmp_rle8_4000x4000_one_pixel_runs.bmp"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_files_whose_structure_costs_more_than_their_pixels_are_refused_before_pillow_sees_them(monkeypatch, name):
+    data, expected = CORPUS[name]
+    assert expected == "too_complex"
+    monkeypatch.setattr(P.Image, "open", lambda *a, **kw: pytest.fail("Pillow parsed a file refused by its structure"))
+    for fn in (PRE, decode, long_side, declared_size, check_structure):
+        with pytest.raises(ImageError) as refused:
+            fn(data)
+        assert refused.value.reason == "too_complex", (fn, refused.value)
+
+
+def test_a_big_eps_is_never_parsed(monkeypatch):
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: calls.append(1))
+    data = CORPUS["postscript_8MB.eps"][0]
+    assert len(data) > 8_000_000
+    for fn in (PRE, long_side, declared_size):
+        with pytest.raises(ImageError) as err:
+            fn(data)
+        assert err.value.reason == "not_an_image"
+    assert not calls
+
+
+def pillow_rgb(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def segment_codes(data: bytes) -> list[int]:
+    return [code for code, _, _ in H.jpeg_segments(data)]
+
+
+def test_real_files_with_much_structure_pass_and_decode_as_pillow_decodes_them():
+    base = H.encode(H.photo_pixels(), "JPEG", quality=90, progressive=True)
+    many = CORPUS["progressive_64_scans_table_per_scan.jpg"][0]
+    assert segment_codes(base).count(0xDA) == 10 and segment_codes(many).count(0xDA) == 64
+    assert np.array_equal(np.asarray(decode(many)), pillow_rgb(base))  # the same image, 6 times the scans
+    rst = CORPUS["restart_every_mcu.jpg"][0]
+    assert sum(rst.count(bytes((0xFF, 0xD0 + i))) for i in range(8)) > 20  # one per MCU: not segments
+    exif = CORPUS["exif_thumbnail.jpg"][0]
+    assert exif.count(b"\xff\xd8") == 2 and Image.open(io.BytesIO(exif)).info["exif"].startswith(b"Exif")
+    icc = CORPUS["icc_1MiB_in_17_app2.jpg"][0]
+    looks_like_markers = sum(icc.count(b"\xff" + bytes((c,))) for c in range(0xC0, 0xFF))  # inside the profile
+    assert segment_codes(icc).count(0xE2) == 17 and looks_like_markers > 1000
+    assert CORPUS["idat_8KiB_chunks.png"][0].count(b"IDAT") > 100
+    for name in ["progressive_libjpeg.jpg", "progressive_64_scans_table_per_scan.jpg", "restart_every_mcu.jpg",
+                 "exif_thumbnail.jpg", "icc_1MiB_in_17_app2.jpg", "text_chunks.png", "idat_8KiB_chunks.png",
+                 "animated.gif", "animated.png", "animated.webp", "strip_600x40000.jpg", "photo.bmp"]:  # fmt: skip
+        data = CORPUS[name][0]
+        check_structure(data)
+        if name.startswith("animated") or name.startswith("strip"):
+            continue  # first frame, aspect window: checked by their own tests
+        assert np.array_equal(np.asarray(decode(data)), pillow_rgb(data)), name
+
+
+def test_each_limit_is_where_it_says():
+    def refused(data: bytes) -> bool:
+        try:
+            check_structure(data)
+        except ImageError as e:
+            assert e.reason == "too_complex"
+            return True
+        return False
+
+    have = segment_codes(H.progressive_jpeg(64)).count(0xDA)
+    assert not refused(H.repeated_scan_jpeg(P.JPEG_MAX_SCANS, side=64))
+    assert refused(H.repeated_scan_jpeg(P.JPEG_MAX_SCANS + 1, side=64)) and have < P.JPEG_MAX_SCANS
+    small = len(H.jpeg_segments(H.empty_app_markers_jpeg(0))) - 1  # its segments, EOI not counted
+    assert not refused(H.empty_app_markers_jpeg(P.JPEG_MAX_SEGMENTS - small))
+    assert refused(H.empty_app_markers_jpeg(P.JPEG_MAX_SEGMENTS - small + 1))
+    png_chunks = H.empty_chunks_png(0).count(b"IHDR") + H.empty_chunks_png(0).count(b"IDAT") + 1  # + IEND
+    assert not refused(H.empty_chunks_png(P.PNG_MAX_CHUNKS - png_chunks))
+    assert refused(H.empty_chunks_png(P.PNG_MAX_CHUNKS - png_chunks + 1))
+    assert not refused(H.one_byte_blocks_gif(P.GIF_MAX_HEADER_BLOCKS))
+    assert refused(H.one_byte_blocks_gif(P.GIF_MAX_HEADER_BLOCKS + 1))
+    rows = (b"\xff\x07" * 3 + b"\x00\x00") * 200
+    assert not refused(H.rle_bmp(600, 200, rows + b"\x00\x01"))
+    assert decode(H.rle_bmp(600, 200, rows + b"\x00\x01")).getpixel((10, 10)) == (7, 7, 7)  # RLE8 decodes
+    assert refused(H.rle_bmp(600, 200, rows + b"\x00\x01" + bytes(P.BMP_RLE_MAX_BYTES)))
+    assert not refused(H.encode(Image.new("RGB", (600, 200)), "BMP") + bytes(P.BMP_RLE_MAX_BYTES))  # not RLE
+
+
+def test_stray_bytes_before_the_first_scan_or_image_are_bounded():
+    jpeg = CORPUS["photo.jpg"][0]
+    app = jpeg.index(b"\xff\xdb")  # stray zeros and fill before the first quantization table
+    assert outcome(decode, jpeg[:app] + b"\x00" * 16 + b"\xff" * 16 + jpeg[app:]) == "ok"
+    assert outcome(decode, jpeg[:app] + b"\x00" * (P.JPEG_MAX_HEADER_JUNK + 1) + jpeg[app:]) == "too_complex"
+    assert outcome(decode, jpeg[:app] + b"\xff" * (P.JPEG_MAX_HEADER_JUNK + 1) + jpeg[app:]) == "too_complex"
+    gif = CORPUS["animated.gif"][0]
+    at = gif.index(b"!", 13)
+    assert outcome(decode, gif[:at] + b"\x00" * 16 + gif[at:]) == "ok"
+    assert outcome(decode, gif[:at] + b"\x00" * (P.GIF_MAX_HEADER_BLOCKS + 1) + gif[at:]) == "too_complex"
+
+
+def test_declared_size_reads_the_header_and_carries_it_on_refusals():
+    assert declared_size(CORPUS["photo.jpg"][0]) == (64, 48)
+    assert declared_size(CORPUS["strip_600x40000.png"][0]) == (600, 40_000)  # stored size, not the window
+    with pytest.raises(ImageError) as bomb:
+        declared_size(CORPUS["bomb_1bit_9000x6000.png"][0])
+    assert bomb.value.reason == "decompression_bomb" and bomb.value.declared == (9000, 6000)
+    with pytest.raises(ImageError) as small:
+        declared_size(CORPUS["dot_1x1.png"][0])
+    assert small.value.reason == "too_small" and small.value.declared == (1, 1)
+    for name in ("random_bytes", "jpeg_2M_empty_app_markers.jpg"):
+        with pytest.raises(ImageError) as unread:
+            declared_size(CORPUS[name][0])
+        assert unread.value.declared is None
+
+
+def test_preprocessor_arrays_are_its_tensors_and_need_no_torch():
+    data = CORPUS["photo.jpg"][0]
+    arr = PRE.array(data)
+    assert arr.dtype == np.float32 and arr.shape == (3, S, S) and arr.flags.c_contiguous
+    assert np.array_equal(arr, PRE(data).numpy())
+    code = "import sys, model.preprocess, model.decode_pool; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 # -- memory: the hostile images in a fresh process ----------------------------------------------------------
 
 CHILD = r"""
@@ -425,7 +552,7 @@ def tensor_or_reason(data: bytes) -> None:
     side_agrees_with_decode(data)
 
 
-HEADER_REASONS = {"empty", "too_large", "too_small", "decompression_bomb", "not_an_image"}
+HEADER_REASONS = {"empty", "too_large", "too_small", "decompression_bomb", "not_an_image", "too_complex"}
 
 
 def side_agrees_with_decode(data: bytes) -> None:
@@ -463,3 +590,13 @@ def test_arbitrary_bytes_give_a_reason(data):
 @given(magic=st.sampled_from(MAGIC), rest=st.binary(max_size=2048))
 def test_image_headers_with_arbitrary_bodies_give_a_reason(magic, rest):
     tensor_or_reason(magic + rest)
+
+
+@PROPERTY
+@given(magic=st.sampled_from([b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM"]),
+       rest=st.binary(max_size=4096))  # fmt: skip
+def test_the_structure_scan_refuses_or_passes_and_never_fails(magic, rest):
+    try:
+        check_structure(magic + rest)
+    except ImageError as e:
+        assert e.reason == "too_complex"
