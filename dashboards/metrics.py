@@ -75,7 +75,7 @@ REDIS_ERRORS = Counter("danmul_redis_errors_total", "Redis commands or scripts t
 STREAM_TRIMMED = Counter("danmul_stream_trimmed_total", "Acknowledged upload entries trimmed from the uploads "
                          "stream by the tagger (retention)")
 REDIS_UP = Gauge("danmul_redis_up", "1 while the consumer can read and write Redis with its credentials, 0 while "
-                 "Redis is unreachable or refuses them", multiprocess_mode="livemin")
+                 "Redis is unreachable, refuses them, or answers no PING within 2 s", multiprocess_mode="livemin")
 HTTP_REQUESTS = Counter("danmul_http_requests_total", "HTTP API requests by endpoint and status code (499: "
                         "the client went away)",
                         ["endpoint", "code"])

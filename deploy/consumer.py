@@ -38,7 +38,8 @@ MODEL_UNAVAILABLE_ATTEMPTS = 3  # a model call refused because no replica is rea
 REDIS_WRITE_PATIENCE_S = 30.0  # how long a finished upload waits for Redis to come back before it is left
 IDLE_POLL_S = (0.005, 0.1)  # polling for new uploads when the stream is empty: first and longest wait
 STATS_INTERVAL_S = 2.0
-AUDIT_INTERVAL_S = (0.2, 5.0)  # the audit of forgotten deliveries: while walking, and once caught up
+AUDIT_INTERVAL_S = (0.2, 5.0)  # the audit of forgotten deliveries: while walking; once caught up (a look at run_id)
+TRIM_AGAIN_S = 0.5  # the next trim, when a stream's cap ran out of its budget per call
 FORGET_INTERVAL_S = 60.0  # how often consumers that left their names behind are deleted from the group
 FORGET_IDLE_S = 600.0  # a consumer with nothing pending, not heard from this long, is deleted from the group
 # Redis round trips: a command gets this long (scripts are bounded: no reply within it means Redis hangs); the
@@ -234,7 +235,10 @@ class UploadConsumer:
                     await self._touch()
                 if now >= next_trim:
                     op, next_trim = "trim", now + self.settings.trim_interval_s
-                    self.metrics.STREAM_TRIMMED.inc(await self.queue.trim(self.settings.stream_retention_s))
+                    trimmed = await self.queue.trim(self.settings.stream_retention_s)
+                    self.metrics.STREAM_TRIMMED.inc(trimmed.uploads)
+                    if trimmed.more:  # the results or dead-letter stream is further over its cap: go on soon
+                        next_trim = now + TRIM_AGAIN_S
                 if now >= next_forget:
                     op, next_forget = "forget", now + FORGET_INTERVAL_S
                     await self.queue.forget_consumers(FORGET_IDLE_S)
@@ -304,6 +308,11 @@ class UploadConsumer:
     def _take(self, delivery) -> None:
         if delivery.ended:  # delivered again, but the ledger knows their outcome: acknowledged by the script
             self.metrics.UPLOADS.labels("duplicate").inc(delivery.ended)
+        if delivery.lag_corrected:
+            log.warning("Redis counted %d upload(s) as waiting for %s that are not in the stream: entries deleted "
+                        "before they were delivered (XTRIM/XDEL by hand, XADD with MAXLEN: those uploads are lost), "
+                        "or a replay or failover that lost the group's read counter; the count is set right",
+                        delivery.lag_corrected, self.settings.group)
         for dead in delivery.dead:  # dead-lettered inside Redis (too large, delivered too often, deleted)
             self.metrics.DEAD_LETTERS.labels(dead.reason).inc()
             self._finished(dead.entry_id, "dead_letter")

@@ -21,8 +21,8 @@ class ServeSettings:
     allow_eviction: bool = field(default=False, metadata={
         "help": "run even when Redis may evict keys (maxmemory-policy allkeys-*): uploads could vanish"})
     allow_other_groups: bool = field(default=False, metadata={
-        "help": "run even when another consumer group reads the uploads stream (it would tag every upload "
-                "again if it is another tagger; trimming waits for it)"})
+        "help": "run even when another consumer group reads the uploads stream (meant for a reader that is not a "
+                "tagger: trimming waits for it; two taggers' groups on one prefix share its ledger)"})
     prefix: str = field(default="danmul:", metadata={"help": "key prefix of the streams and result hashes"})
     group: str = field(default="danmul-taggers", metadata={"help": "consumer group on the uploads stream"})
     endpoint_url: str | None = field(default=None, metadata={"help": "S3 endpoint (default: AWS_ENDPOINT_URL)"})

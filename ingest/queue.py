@@ -87,20 +87,22 @@ TOO_LARGE = "too_large"
 # block (Redis 7 logs each script's effects as one such block when it wrote more than one command; plain
 # commands, the platform's XADDs among them, replay). Then an entry can sit behind the group's last-delivered
 # id, not pending, with no result: a later single-entry read replayed while the read that delivered it did
-# not. "Not pending" is therefore never read as "ended". Every outcome is recorded in the ledger hash
-# ``{prefix}done`` (entry id -> ``r`` for a result, ``d:<reason>`` for a dead letter) in the same script as the
-# outcome itself, and:
+# not. "Not pending" is therefore never read as "ended". Every outcome is recorded in the ledger, the sorted set
+# ``{prefix}done`` (members: the entry ids, zero-padded so that their order is the ids' order, all of score 0),
+# in the same script as the outcome itself, and:
 # - a result or dead letter for an entry that is no longer pending is still written when the ledger does not
 #   know it and the entry is still in the stream (Redis forgot its delivery: it is done again, with the same
 #   upload_id, and counted as recovered);
 # - a read or reclaim that delivers an entry the ledger knows acknowledges it without handing it out;
-# - the trim removes only entries the ledger knows (with their ledger records, in the same script), and always
-#   writes two commands so that its effects are one block too: a replay that drops blocks drops the trim with
-#   the outcomes it relied on;
-# - the audit walks the stream behind the group's last-delivered id after Redis changed (another run_id: a
-#   restart or a failover) and makes every entry that is neither pending nor known to the ledger pending again,
-#   idle, so the next reclaim takes it.
-# Entries that ended before the ledger existed count as ended when their post's result hash names them.
+# - the audit walks the stream behind the group's last-delivered id whenever Redis is another run than the
+#   consumer last saw (its run_id: a restart, a failover; and once at a consumer's start), and makes every
+#   entry that is neither pending nor ended pending again, idle, so the next reclaim takes it;
+# - the trim removes only entries below what the calling consumer's audit has walked in this run of Redis
+#   (everything when it is caught up), with the ledger's members below the same id, and writes two commands
+#   so that its effects are one block too: a replay that drops blocks drops the trim with the outcomes it
+#   relied on.
+# Entries delivered before the ledger existed (up to ``ledger_since`` in ``{prefix}state``, the group's
+# last-delivered id when a tagger with the ledger first met the group) count as ended once acknowledged.
 _LUA_COMMON = """
 local function parse_id(id)
   local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
@@ -207,19 +209,18 @@ local function stored_fields(key, id)
   if #r == 0 then return {} end
   return r[1][2]
 end
--- whether an upload has ended (result or dead letter): the ledger says so, or (an upload that ended before
--- the ledger existed) its post's result hash names it
-local function ended(done, prefix, id, fields)
-  if redis.call('HEXISTS', done, id) == 1 then return true end
-  for i = 1, #fields - 1, 2 do
-    if fields[i] == 'post_id' then
-      local post = fields[i + 1]
-      if #post == 0 or #post > 64 then return false end
-      local r = redis.pcall('HGET', prefix .. 'result:' .. post, 'upload_id')
-      return type(r) == 'string' and r == id
-    end
-  end
-  return false
+-- an entry id as a ledger member: zero-padded, so that the members' order is the ids' order
+local function member(id)
+  local ms, seq = parse_id(id)
+  if not ms then return id end
+  return string.rep('0', 20 - #ms) .. ms .. '-' .. string.rep('0', 20 - #seq) .. seq
+end
+local function in_ledger(done, id) return redis.call('ZSCORE', done, member(id)) ~= false end
+local function record(done, id) redis.call('ZADD', done, 0, member(id)) end
+-- whether an entry that is not pending has ended: the ledger knows it, or it was delivered before the ledger
+-- existed (at or below since)
+local function ended(done, since, id)
+  return in_ledger(done, id) or (since ~= '' and not id_lt(since, id))
 end
 """
 
@@ -228,22 +229,22 @@ _DEAD_LUA = _LUA_COMMON + """
 local uploads, dead, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, id, reason, detail = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local max_fields, max_value, max_image = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'hash') then
-  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts or ledger hash holds another type')
+if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'zset') then
+  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts hash or ledger holds another type')
 end
 local delivered = times_delivered(uploads, group, id)
 local fields, recovered = {}, 0
 if delivered then
   fields = stored_fields(uploads, id)
 else
-  if redis.call('HEXISTS', done, id) == 1 then return {0, 0} end  -- another delivery ended it
+  if in_ledger(done, id) then return {0, 0} end  -- another delivery ended it
   fields = stored_fields(uploads, id)
   if #fields == 0 then return {3, 0} end  -- not in the stream: ended and trimmed, or deleted, or never held
   delivered, recovered = 1, 1  -- Redis forgot this delivery: the upload has no outcome yet
 end
 local e = dead_fields(id, fields, reason, detail, delivered, max_fields, max_value, max_image)
 redis.call('XADD', dead, '*', unpack(e))
-if #fields > 0 then redis.call('HSET', done, id, 'd:' .. reason) end
+if #fields > 0 then record(done, id) end
 redis.call('HDEL', attempts, id)
 redis.call('XACK', uploads, group, id)
 return {1, recovered}
@@ -258,12 +259,12 @@ _COMPLETE_LUA = _LUA_COMMON + """
 local uploads, result, results, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, id, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if not holds(result, 'hash') or not holds(results, 'stream') or not holds(attempts, 'hash')
-    or not holds(done, 'hash') then
+    or not holds(done, 'zset') then
   return redis.error_reply('WRONGTYPE danmul: a result key or the ledger holds another type')
 end
 local recovered = 0
 if not times_delivered(uploads, group, id) then
-  if redis.call('HEXISTS', done, id) == 1 then return {0, 0} end
+  if in_ledger(done, id) then return {0, 0} end
   if #redis.call('XRANGE', uploads, id, id) == 0 then return {3, 0} end
   recovered = 1
 end
@@ -285,7 +286,7 @@ if not newest then
   entry[#entry + 1] = '1'
 end
 redis.call('XADD', results, '*', unpack(entry))
-redis.call('HSET', done, id, 'r')
+record(done, id)
 redis.call('HDEL', attempts, id)
 redis.call('XACK', uploads, group, id)
 if newest then return {1, recovered} end
@@ -302,8 +303,8 @@ local uploads, dead, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, consumer, count, max_entry, budget = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
                                                   tonumber(ARGV[5])
 local max_fields, max_value, max_image = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'hash') then
-  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts or ledger hash holds another type')
+if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'zset') then
+  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts hash or ledger holds another type')
 end
 local out, buried, total, skipped, drained = {}, {}, 0, 0, false
 for _ = 1, count do
@@ -313,7 +314,7 @@ for _ = 1, count do
     break
   end
   local id, fields = r[1][2][1][1], r[1][2][1][2]
-  if redis.call('HEXISTS', done, id) == 1 then
+  if in_ledger(done, id) then
     redis.call('XACK', uploads, group, id)
     skipped = skipped + 1
   else
@@ -321,7 +322,7 @@ for _ = 1, count do
     if detail then
       local e = dead_fields(id, fields, 'too_large', detail, 1, max_fields, max_value, max_image)
       redis.call('XADD', dead, '*', unpack(e))
-      redis.call('HSET', done, id, 'd:too_large')
+      record(done, id)
       redis.call('XACK', uploads, group, id)
       buried[#buried + 1] = {id, 'too_large', detail}
       break
@@ -334,7 +335,9 @@ for _ = 1, count do
 end
 -- Nothing after the group's last-delivered id: nothing waits, so its lag is 0. Redis counts the lag as entries
 -- added minus entries read, and a replay or a replica does not carry the group's read counter (reads are
--- logged as XCLAIM ... LASTID), so after one the count can stay above 0 for good: set it right.
+-- logged as XCLAIM ... LASTID), so after one the count can stay above 0 for good; so does the count of
+-- entries deleted before they were delivered. Set it right, and say by how much (the caller logs it).
+local corrected = 0
 if drained then
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', uploads)) do
     local info = {}
@@ -343,10 +346,11 @@ if drained then
         and type(info['entries-read']) == 'number' then
       redis.call('XGROUP', 'SETID', uploads, group, info['last-delivered-id'], 'ENTRIESREAD',
                  info['entries-read'] + info['lag'])
+      corrected = info['lag']
     end
   end
 end
-return {out, buried, skipped}
+return {out, buried, skipped, corrected}
 """
 
 # Taking over uploads whose consumer died or hung (idle longer than min_idle), one at a time from a cursor
@@ -363,8 +367,8 @@ local group, consumer, min_idle, cursor = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local count, max_entry, budget, max_deliveries = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
                                                  tonumber(ARGV[8])
 local max_fields, max_value, max_image = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'hash') then
-  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts or ledger hash holds another type')
+if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'zset') then
+  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts hash or ledger holds another type')
 end
 local out, buried, total, skipped = {}, {}, 0, 0
 -- a dead letter; in_stream: the entry is still in the stream (then it is acknowledged and in the ledger)
@@ -373,7 +377,7 @@ local function bury(id, fields, reason, detail, delivered, in_stream)
   redis.call('XADD', dead, '*', unpack(e))
   redis.call('HDEL', attempts, id)
   if in_stream then
-    redis.call('HSET', done, id, 'd:' .. reason)
+    record(done, id)
     redis.call('XACK', uploads, group, id)
   end
   buried[#buried + 1] = {id, reason, detail}
@@ -387,7 +391,7 @@ for _ = 1, count do
   local id = r[2][1]
   if id then
     local delivered = times_delivered(uploads, group, id)
-    if redis.call('HEXISTS', done, id) == 1 then
+    if in_ledger(done, id) then
       redis.call('XACK', uploads, group, id)
       skipped = skipped + 1
     elseif delivered >= max_deliveries then
@@ -455,98 +459,102 @@ end
 return {n, gone}
 """
 
-# Retention: trim ended uploads older than keep_ms from the head of the stream, never one the ledger does not
-# know, and never an entry at or above the oldest one any group still needs (the first after its
-# last-delivered id, or its oldest pending entry). The walk reads entries one at a time (at most max_entries
-# and about max_bytes of them per call). The trimmed ids leave the ledger, and the state hash records how far
-# the trim got: two writes, so a trim is one MULTI/EXEC block in the append-only file and replays only
-# together with blocks (see the ledger, above). The same script caps the results and dead-letter streams at
-# about their maximum length, by XTRIM MINID: an approximate MAXLEN is logged as an exact length (the stream's
-# length then), which cuts other entries when a replay rebuilds another history (blocks dropped by one
-# restart and replayed by the next), while a MINID cuts only what was already older than what it kept.
-# Returns {uploads trimmed, results capped, dead letters capped}.
+# Retention: trim ended uploads older than keep_ms from the head of the stream: never an entry at or above the
+# oldest one any group still needs (the first after its last-delivered id, or its oldest pending entry), and
+# never one above what the calling consumer's audit has walked in this run of Redis (run_id and audited: the
+# audit's cursor, or '+' once it is caught up; below it every entry that is not pending has ended, see the
+# ledger above). The ledger's members below the same id go with it (with them any left behind: an entry deleted
+# by hand), and the state hash records the floor: two writes, so a trim is one MULTI/EXEC block in the
+# append-only file and replays only together with blocks. Nothing here reads an upload. The same script caps
+# the results and dead-letter streams at about their maximum length by XTRIM MINID, reading the oldest
+# entries over the cap (at most cap_entries and about cap_bytes per call): an approximate MAXLEN is logged as an
+# exact length (the stream's length then), which cuts other entries when a replay rebuilds another history
+# (blocks dropped by one restart and replayed by the next), while a MINID cuts only what was already older
+# than what it kept. Returns {uploads trimmed, results capped, dead letters capped, more (1: a cap ran out of
+# its budget, call again soon)}.
 _TRIM_LUA = _LUA_COMMON + """
 local uploads, done, state, results, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local keep_ms, max_entries, max_bytes, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local results_maxlen, dead_maxlen = tonumber(ARGV[5]), tonumber(ARGV[6])
--- the oldest entries of a stream over maxlen, up to max_entries and about max_bytes of them, removed by MINID
+local keep_ms, run_id, audited = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local results_maxlen, dead_maxlen = tonumber(ARGV[4]), tonumber(ARGV[5])
+local cap_entries, cap_bytes = tonumber(ARGV[6]), tonumber(ARGV[7])
+local more = 0
+-- the oldest entries of a stream over maxlen, up to the budget, removed by MINID
 local function cap(stream, maxlen)
   if redis.call('TYPE', stream)['ok'] ~= 'stream' then return 0 end
   local excess = redis.call('XLEN', stream) - maxlen
-  local last, bytes, start = nil, 0, '-'
-  for _ = 1, math.min(excess, max_entries) do
+  if excess <= 0 then return 0 end
+  local last, bytes, start, n = nil, 0, '-', 0
+  while n < excess do
+    if n >= cap_entries or bytes >= cap_bytes then
+      more = 1
+      break
+    end
     local r = redis.call('XRANGE', stream, start, '+', 'COUNT', 1)
     if #r == 0 then break end
-    last, start = r[1][1], '(' .. r[1][1]
+    last, start, n = r[1][1], '(' .. r[1][1], n + 1
     bytes = bytes + entry_size(r[1][2])
-    if bytes >= max_bytes then break end
   end
   if not last then return 0 end
   return redis.call('XTRIM', stream, 'MINID', next_id(last))
 end
 local capped_results, capped_dead = cap(results, results_maxlen), cap(dead, dead_maxlen)
-if redis.call('EXISTS', uploads) == 0 or not holds(done, 'hash') or not holds(state, 'hash') then
-  return {0, capped_results, capped_dead}
+local info = redis.pcall('INFO', 'server')
+local now_run = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or 'unknown'
+if now_run ~= run_id or audited == '-' or redis.call('EXISTS', uploads) == 0 or not holds(done, 'zset')
+    or not holds(state, 'hash') then
+  return {0, capped_results, capped_dead, more}  -- Redis changed since the caller's audit: not before it walked
 end
 local floor = nil
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', uploads)) do
-  local info = {}
-  for i = 1, #g - 1, 2 do info[g[i]] = g[i + 1] end
-  local need = next_id(info['last-delivered-id'])  -- everything up to the last delivered one
-  local p = redis.call('XPENDING', uploads, info['name'])
+  local gi = {}
+  for i = 1, #g - 1, 2 do gi[g[i]] = g[i + 1] end
+  local need = next_id(gi['last-delivered-id'])  -- everything up to the last delivered one
+  local p = redis.call('XPENDING', uploads, gi['name'])
   if p[1] > 0 and id_lt(p[2], need) then need = p[2] end
   if floor == nil or id_lt(need, floor) then floor = need end
 end
-if floor == nil then return {0, capped_results, capped_dead} end
+if floor == nil then return {0, capped_results, capped_dead, more} end
+if audited ~= '+' and id_lt(next_id(audited), floor) then floor = next_id(audited) end
 local t = redis.call('TIME')
 local cutoff_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - keep_ms
-if cutoff_ms <= 0 then return {0, capped_results, capped_dead} end
+if cutoff_ms <= 0 then return {0, capped_results, capped_dead, more} end
 local cutoff = string.format('%d-0', cutoff_ms)
 if id_lt(cutoff, floor) then floor = cutoff end
-local ids, bytes, stop, start = {}, 0, nil, '-'
-for _ = 1, max_entries do
-  local r = redis.call('XRANGE', uploads, start, '+', 'COUNT', 1)
-  if #r == 0 then break end
-  local id, fields = r[1][1], r[1][2]
-  if not id_lt(id, floor) or not ended(done, prefix, id, fields) then
-    stop = id
-    break
-  end
-  ids[#ids + 1] = id
-  start = '(' .. id
-  bytes = bytes + entry_size(fields)
-  if bytes >= max_bytes then break end
-end
-if #ids == 0 then return {0, capped_results, capped_dead} end
-local minid = stop or next_id(ids[#ids])
-for i = 1, #ids, 1000 do
-  redis.call('HDEL', done, unpack(ids, i, math.min(i + 999, #ids)))
-end
-redis.call('HSET', state, 'trimmed_below', minid)
-return {redis.call('XTRIM', uploads, 'MINID', minid), capped_results, capped_dead}
+local trimmed = redis.call('XTRIM', uploads, 'MINID', floor)
+redis.call('ZREMRANGEBYLEX', done, '-', '(' .. member(floor))
+if trimmed > 0 then redis.call('HSET', state, 'trimmed_below', floor) end
+return {trimmed, capped_results, capped_dead, more}
 """
 
-# The audit: after Redis changed (its run_id differs from the one the caller saw: a restart, a failover), walk
-# the group's delivered entries from the stream's start and make every one that is neither pending nor ended
-# pending again (to this consumer, idle for long, delivered 0 times), so the next reclaim takes it. A walk is
-# resumed from a cursor, at most max_entries and about max_bytes per call. ARGV: group, consumer, run_id seen,
-# cursor ('-' for the start), max_entries, max_bytes, idle_ms, prefix. Returns {run_id, cursor, found,
-# caught_up (1 when the walk reached the group's last-delivered id)}.
+# The audit: when Redis is another run than the caller saw (its run_id differs: a restart, a failover; and at a
+# consumer's start, when it saw none), walk the group's delivered entries from the stream's start and make every
+# one that is neither pending nor ended pending again (to this consumer, idle for long, delivered 0 times), so
+# the next reclaim takes it. A walk is resumed from a cursor, at most max_entries and about max_bytes per call;
+# once caught up it rests until Redis changes again (a Redis that has not restarted forgets nothing). ARGV:
+# group, consumer, run_id seen, cursor ('-' for the start), caught up (1/0), max_entries, max_bytes, idle_ms.
+# Returns {run_id, cursor, found, caught_up (1 when the walk reached the group's last-delivered id)}.
 _AUDIT_LUA = _LUA_COMMON + """
-local uploads, done = KEYS[1], KEYS[2]
-local group, consumer, seen, cursor = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local max_entries, max_bytes, idle_ms, prefix = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
+local uploads, done, state = KEYS[1], KEYS[2], KEYS[3]
+local group, consumer, seen, cursor, rested = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local max_entries, max_bytes, idle_ms = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 -- INFO needs a right some ACLs withhold (@dangerous): without it every step sees the same "Redis", so the walk
 -- runs once per consumer start (check_server warns)
 local info = redis.pcall('INFO', 'server')
 local run_id = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or 'unknown'
-if run_id ~= seen then cursor = '-' end
-if redis.call('EXISTS', uploads) == 0 or not holds(done, 'hash') then return {run_id, cursor, 0, 1} end
+if run_id ~= seen then
+  cursor = '-'
+elseif rested == '1' then
+  return {run_id, cursor, 0, 1}
+end
+if redis.call('EXISTS', uploads) == 0 or not holds(done, 'zset') or not holds(state, 'hash') then
+  return {run_id, cursor, 0, 1}
+end
+local since = redis.call('HGET', state, 'ledger_since') or ''
 local last = nil
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', uploads)) do
-  local info = {}
-  for i = 1, #g - 1, 2 do info[g[i]] = g[i + 1] end
-  if info['name'] == group then last = info['last-delivered-id'] end
+  local gi = {}
+  for i = 1, #g - 1, 2 do gi[g[i]] = g[i + 1] end
+  if gi['name'] == group then last = gi['last-delivered-id'] end
 end
 if not last then return {run_id, cursor, 0, 1} end
 local found, bytes, caught_up = 0, 0, 0
@@ -558,16 +566,31 @@ for _ = 1, max_entries do
     caught_up = 1
     break
   end
-  local id, fields = r[1][1], r[1][2]
+  local id = r[1][1]
   cursor = id
-  if not times_delivered(uploads, group, id) and not ended(done, prefix, id, fields) then
+  if not times_delivered(uploads, group, id) and not ended(done, since, id) then
     redis.call('XCLAIM', uploads, group, consumer, 0, id, 'IDLE', idle_ms, 'RETRYCOUNT', 0, 'FORCE', 'JUSTID')
     found = found + 1
   end
-  bytes = bytes + entry_size(fields)
+  bytes = bytes + entry_size(r[1][2])
   if bytes >= max_bytes then break end
 end
 return {run_id, cursor, found, caught_up}
+"""
+
+# The ledger's starting point, once the group exists: the group's last-delivered id when a tagger with the
+# ledger first meets it. For a group this tagger made, nothing was delivered yet ('0-0': every entry needs a
+# ledger member to count as ended); a group a tagger without the ledger ran counts what it delivered up to now
+# as ended once acknowledged. The group is made by a plain XGROUP CREATE before this, and this writes one
+# command: both replay even when an append-only file's blocks do not. KEYS: uploads, state. ARGV: group.
+_ENSURE_LUA = """
+local uploads, state, group = KEYS[1], KEYS[2], ARGV[1]
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', uploads)) do
+  local gi = {}
+  for i = 1, #g - 1, 2 do gi[g[i]] = g[i + 1] end
+  if gi['name'] == group then return redis.call('HSETNX', state, 'ledger_since', gi['last-delivered-id']) end
+end
+return 0
 """
 
 # Consumers that left the group's list behind them (killed, restarted under a new name): a consumer that has
@@ -592,9 +615,10 @@ return n
 
 
 ENTRY_FIELD_COST = 64  # bytes an entry's field costs a consumer beyond its name and value
-# the trim and the audit read entries to walk the stream: per call at most this many, and about these bytes
-TRIM_MAX_ENTRIES, TRIM_MAX_BYTES = 10_000, 64 << 20
-AUDIT_MAX_ENTRIES, AUDIT_MAX_BYTES = 2_000, 64 << 20
+# the audit, and the caps of the results and dead-letter streams, read entries to walk them: per call at most
+# this many, and about these bytes (Redis copies what it reads into the script: about 1.5 ms per MiB)
+AUDIT_MAX_ENTRIES, AUDIT_MAX_BYTES = 2_000, 16 << 20
+CAP_MAX_ENTRIES, CAP_MAX_BYTES = 10_000, 16 << 20
 FORGOTTEN_IDLE_MS = 10**10  # a forgotten upload made pending again looks idle this long: any reclaim takes it
 MAX_ENTRY_FIELDS = 256  # an entry with more fields is dead-lettered (too_large) unread
 for _name in ("_DEAD_LUA", "_COMPLETE_LUA", "_READ_LUA", "_CLAIM_LUA", "_TOUCH_LUA", "_TRIM_LUA", "_AUDIT_LUA"):
@@ -629,13 +653,15 @@ class Keys:
 
     @property
     def done(self) -> str:
-        """Hash, the ledger: upload id -> ``r`` (a result was written) or ``d:<reason>`` (a dead letter), for the
-        uploads still in the stream; written with each outcome, removed with the entry by the trim."""
+        """Sorted set, the ledger: the ids of the uploads still in the stream that have ended (a result or a dead
+        letter), zero-padded so they sort as ids; added with each outcome, removed with the entry by the trim."""
         return f"{self.prefix}done"
 
     @property
     def state(self) -> str:
-        """Hash of the tagger's own bookkeeping on the stream (``trimmed_below``: the trim's last floor)."""
+        """Hash of the tagger's own bookkeeping on the stream: ``ledger_since`` (entries delivered up to it, before
+        the ledger existed, count as ended once acknowledged; ``0-0`` for a group made with the ledger),
+        ``trimmed_below`` (the trim's last floor)."""
         return f"{self.prefix}state"
 
     def result(self, post_id: int | str) -> str:
@@ -696,13 +722,13 @@ def parse_upload(upload: Upload, max_image_bytes: int) -> UploadRequest:
     raw_id = upload.text("post_id")
     if raw_id is None or not raw_id.strip():
         raise BadUpload(MISSING_POST_ID)
-    # ASCII digits only: Python's int() also takes '1_000', ' +77 ' and full-width digits, each of which would
-    # name another key (result:{post_id}) than the one a platform looks up
+    # ASCII digits, no leading zero: Python's int() also takes '1_000', ' +77 ', full-width digits and '007', each
+    # of which would name another key (result:{post_id}) than the one a platform looks up
     if not _POST_ID.fullmatch(raw_id):
-        raise BadUpload(BAD_POST_ID, f"{raw_id[:40]!r} is not a whole number in ASCII digits")
+        raise BadUpload(BAD_POST_ID, f"{raw_id[:40]!r} is not a whole number in ASCII digits without a leading 0")
+    if len(raw_id) > 19 or int(raw_id) >= 2**63:
+        raise BadUpload(BAD_POST_ID, f"{raw_id[:40]} is out of range (at most 2^63 - 1)")
     post_id = int(raw_id)
-    if post_id >= 2**63:
-        raise BadUpload(BAD_POST_ID, f"{post_id} out of range")
     image = upload.fields.get("image")
     uri = upload.text("image_uri")
     if not image and not (uri and uri.strip()):
@@ -719,7 +745,7 @@ def parse_upload(upload: Upload, max_image_bytes: int) -> UploadRequest:
     return UploadRequest(post_id, uri.strip() if uri and not image else None, image or None, tags)
 
 
-_POST_ID = re.compile(r"[0-9]{1,19}")
+_POST_ID = re.compile(r"0|[1-9][0-9]*")
 
 
 class RedisSetupError(ValueError):
@@ -870,8 +896,12 @@ try('XACK', KEYS[2], 'g', '0-1')
 try('XADD', KEYS[2], 'NOMKSTREAM', '*', 'f', 'v')
 try('XTRIM', KEYS[2], 'MINID', '0-0')
 try('XGROUP', 'CREATE', KEYS[2], 'g', '$')
+try('EXISTS', KEYS[2])
 try('HGET', KEYS[2], 'f')
-try('HEXISTS', KEYS[2], 'f')
+try('HSETNX', KEYS[2], 'f', 'v')
+try('ZSCORE', KEYS[2], 'm')
+try('ZADD', KEYS[2], 0, 'm')
+try('ZREMRANGEBYLEX', KEYS[2], '-', '(m')
 try('XINFO', 'CONSUMERS', KEYS[2], 'g')
 try('XGROUP', 'DELCONSUMER', KEYS[2], 'g', 'c')
 try('XGROUP', 'SETID', KEYS[2], 'g', '$')
@@ -897,8 +927,13 @@ def check_server(client, keys: Keys, allow_eviction: bool = False, cluster: bool
     warnings: list[str] = []
     try:
         client.ping()
-        info = client.info("server")
-        memory = client.info("memory")
+        try:
+            info, memory = client.info("server"), client.info("memory")
+        except redis.exceptions.NoPermissionError:  # logged in, but INFO is withheld (an ACL without @dangerous)
+            info, memory = {}, {}
+            warnings.append("the Redis user may not run INFO: the server's version and eviction policy are not "
+                            "checked, and after a Redis restart or failover the uploads whose delivery Redis forgot "
+                            "are found only when a consumer restarts. Allow it with +info")
     except AUTH_ERRORS as e:
         raise RedisSetupError(f"Redis refused the credentials ({e}): check the user and password in the URL, "
                               "or REDIS_USERNAME / REDIS_PASSWORD, and the user's ACL") from None
@@ -910,7 +945,7 @@ def check_server(client, keys: Keys, allow_eviction: bool = False, cluster: bool
     if cluster:  # a cluster client answers per node: any node's answer will do
         info = next(iter(info.values())) if info and isinstance(next(iter(info.values())), dict) else info
         memory = next(iter(memory.values())) if memory and isinstance(next(iter(memory.values())), dict) else memory
-    version = str(info.get("redis_version", "0"))
+    version = str(info.get("redis_version", "7.0"))
     if tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) < (7, 0):
         raise RedisSetupError(f"Redis {version} is too old: danmul needs 7.0 or newer (XAUTOCLAIM reports "
                               "uploads deleted while pending; consumer groups report lag)")
@@ -936,14 +971,13 @@ def check_server(client, keys: Keys, allow_eviction: bool = False, cluster: bool
     if denied:
         raise RedisSetupError(f"the Redis user may not run {', '.join(_text(d).upper() for d in denied)} on "
                               f"{keys.prefix}*: danmul's scripts need them")
-    if not client.eval("return type(redis.pcall('INFO', 'server')) == 'string' and 1 or 0", 0):
-        warnings.append("the Redis user may not run INFO from a script (an ACL without @dangerous): after a Redis "
-                        "restart or failover, uploads whose delivery Redis forgot are found only when a consumer "
-                        "restarts. Allow it with +info")
+    if info and not client.eval("return type(redis.pcall('INFO', 'server')) == 'string' and 1 or 0", 0):
+        warnings.append("the Redis user may not run INFO from a script: after a Redis restart or failover, uploads "
+                        "whose delivery Redis forgot are found only when a consumer restarts. Allow it with +info")
     if not cluster and (warning := replay_warning(client, keys)):
         warnings.append(warning)
     kinds = {keys.uploads: "stream", keys.results: "stream", keys.dead: "stream", keys.attempts: "hash",
-             keys.done: "hash", keys.state: "hash"}  # fmt: skip
+             keys.done: "zset", keys.state: "hash"}  # fmt: skip
     for key, kind in kinds.items():
         found = _text(client.type(key))
         if found not in ("none", kind):
@@ -953,10 +987,11 @@ def check_server(client, keys: Keys, allow_eviction: bool = False, cluster: bool
         others = [_text(g["name"]) for g in client.xinfo_groups(keys.uploads) if _text(g["name"]) != group]
         if others and not allow_other_groups:
             raise RedisSetupError(
-                f"{keys.uploads} is read by other consumer group(s) {others}: a tagger in group {group!r} would "
-                "tag every upload a second time, and trimming waits for every group. Use --group "
-                f"{others[0]!r}, remove the old group (XGROUP DESTROY {keys.uploads} NAME), or pass "
-                "--allow-other-groups if another reader is meant to be there")
+                f"{keys.uploads} is read by other consumer group(s) {others}: two taggers' groups on one prefix "
+                "share its ledger (each would acknowledge, untagged, what the other ended), and any other reader "
+                f"holds back trimming. Use --group {others[0]!r}, remove the old group (XGROUP DESTROY "
+                f"{keys.uploads} NAME), or pass --allow-other-groups if a reader that is not a tagger is meant "
+                "to be there")
         if others:
             warnings.append(f"other consumer group(s) {others} read {keys.uploads}: the stream is trimmed only "
                             "below what every group has read")
@@ -995,8 +1030,9 @@ def replay_warning(client, keys: Keys) -> str | None:
             f"on {keys.prefix}*: on Redis 7.0-7.4 a restart would drop every multi-command write of danmul "
             "(results, acknowledgements, trims) and keep the rest (redis/redis#14541). danmul recovers the uploads "
             "this leaves behind, but tags them again; keep the default user off and give it every permission: "
-            "'user default off ~* &* +@all' in the ACL file (ACL SETUSER default off ~* &* +@all), see "
-            "docs/security.md")
+            "'user default off ~* &* +@all' in the ACL file (ACL SETUSER default off ~* &* +@all), then "
+            "BGREWRITEAOF before the next restart (else that restart replays the blocks this one dropped on top "
+            "of what came since); see docs/security.md")
 
 
 def found_stream(client, keys: Keys) -> bool:
@@ -1070,6 +1106,7 @@ class Delivery:
     uploads: list[Upload] = field(default_factory=list)
     dead: list[DeadLettered] = field(default_factory=list)
     ended: int = 0
+    lag_corrected: int = 0  # a read that found nothing waiting set the group's lag from this to 0
 
 
 class Ended(int):
@@ -1090,6 +1127,17 @@ class Ended(int):
 
     def __bool__(self) -> bool:
         return self in (Ended.WRITTEN, Ended.SUPERSEDED)
+
+
+@dataclass
+class Trimmed:
+    """What a trim did: uploads trimmed, results and dead letters over their caps removed, and whether a cap ran
+    out of its budget (trim again soon)."""
+
+    uploads: int
+    results: int = 0
+    dead: int = 0
+    more: bool = False
 
 
 @dataclass
@@ -1140,6 +1188,7 @@ class AsyncUploadQueue:
         self._touch = self.client.register_script(_TOUCH_LUA)
         self._audit = self.client.register_script(_AUDIT_LUA)
         self._forget = self.client.register_script(_FORGET_LUA)
+        self._ensure = self.client.register_script(_ENSURE_LUA)
         self._cursor = "0-0"  # XAUTOCLAIM's: each reclaim continues the scan where the last one stopped
         self.audit_state = Audit()
 
@@ -1154,12 +1203,13 @@ class AsyncUploadQueue:
 
     async def ensure_group(self) -> None:
         """Create the stream and the group if they do not exist (the group starts at the stream's start,
-        so uploads added before the first consumer are processed)."""
+        so uploads added before the first consumer are processed), and the ledger's starting point."""
         try:
             await self.client.xgroup_create(self.keys.uploads, self.group, id="0", mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
+        await self._ensure(keys=[self.keys.uploads, self.keys.state], args=[self.group])
 
     async def read(self, count: int, budget_bytes: int) -> Delivery:
         """New entries for this consumer: at most ``count``, and no more than one past ``budget_bytes`` of
@@ -1167,13 +1217,14 @@ class AsyncUploadQueue:
         ``max_entry_bytes`` comes back dead-lettered (``too_large``), its body never sent here."""
         args = [self.group, self.consumer, count, self.max_entry_bytes, max(1, budget_bytes), *self._dead_caps]
         try:
-            uploads, dead, ended = await self._read(keys=self._io_keys, args=args)
+            uploads, dead, ended, corrected = await self._read(keys=self._io_keys, args=args)
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):  # the stream or group was deleted (or Redis lost it): recreate
                 raise
             await self.ensure_group()
             return Delivery()
-        return Delivery([Upload(_text(i), _fields(f), 1, int(n)) for i, f, n in uploads], _dead(dead), int(ended))
+        return Delivery([Upload(_text(i), _fields(f), 1, int(n)) for i, f, n in uploads], _dead(dead), int(ended),
+                        int(corrected))
 
     async def reclaim(self, min_idle_ms: int, count: int, budget_bytes: int, max_deliveries: int) -> Delivery:
         """Take over entries pending longer than ``min_idle_ms`` (their consumer died or hung), with their
@@ -1230,27 +1281,30 @@ class AsyncUploadQueue:
         n, gone = await self._touch(keys=keys, args=[self.group, self.consumer, *self._dead_caps, *entry_ids])
         return int(n), [_text(i) for i in gone]
 
-    async def trim(self, keep_s: float, max_entries: int = TRIM_MAX_ENTRIES, max_bytes: int = TRIM_MAX_BYTES) -> int:
-        """Trim ended uploads older than ``keep_s`` from the head of the stream (never one the ledger does not
-        know, never one a group still needs), at most ``max_entries`` and about ``max_bytes`` of them per call,
-        and cap the results and dead-letter streams at ``results_maxlen`` and ``dead_maxlen``; returns how many
-        uploads it trimmed."""
+    async def trim(self, keep_s: float, cap_entries: int = CAP_MAX_ENTRIES, cap_bytes: int = CAP_MAX_BYTES) -> Trimmed:
+        """Trim ended uploads older than ``keep_s`` from the head of the stream: never one a group still needs,
+        and only below what this queue's :meth:`audit` has walked in this run of Redis (call it first; the
+        consumer does), and cap the results and dead-letter streams at ``results_maxlen`` and ``dead_maxlen``
+        (reading at most ``cap_entries`` and about ``cap_bytes`` of their oldest entries)."""
+        st = self.audit_state
         keys = [self.keys.uploads, self.keys.done, self.keys.state, self.keys.results, self.keys.dead]
-        args = [int(keep_s * 1000), max_entries, max_bytes, self.keys.prefix, self.results_maxlen, self.dead_maxlen]
-        trimmed, _, _ = await self._trim(keys=keys, args=args)
-        return int(trimmed)
+        args = [int(keep_s * 1000), st.run_id or "none", "+" if st.caught_up else st.cursor, self.results_maxlen,
+                self.dead_maxlen, cap_entries, cap_bytes]  # fmt: skip
+        trimmed, results, dead, more = await self._trim(keys=keys, args=args)
+        return Trimmed(int(trimmed), int(results), int(dead), bool(int(more)))
 
     async def audit(self, max_entries: int = AUDIT_MAX_ENTRIES, max_bytes: int = AUDIT_MAX_BYTES) -> int:
-        """One step of the audit of forgotten deliveries (see ``_AUDIT_LUA``): when Redis is not the one the last
-        step saw (restarted, failed over; and once at first), walk the group's delivered entries and make those
-        that are neither pending nor ended pending again, idle, for the next reclaim. Returns how many it
-        found; ``audit_state.caught_up`` says whether the walk is done. When Redis changed, the reclaim's scan
-        starts again from the beginning too."""
+        """One step of the audit of forgotten deliveries (see ``_AUDIT_LUA``): when Redis is not the run the last
+        step saw (restarted, failed over; and at first), walk the group's delivered entries and make those that
+        are neither pending nor ended pending again, idle, for the next reclaim. Returns how many it found;
+        ``audit_state.caught_up`` says whether the walk is done. When Redis changed, the reclaim's scan starts
+        again from the beginning too."""
         st = self.audit_state
-        args = [self.group, self.consumer, st.run_id, st.cursor, max_entries, max_bytes, FORGOTTEN_IDLE_MS,
-                self.keys.prefix]  # fmt: skip
+        args = [self.group, self.consumer, st.run_id, st.cursor, 1 if st.caught_up else 0, max_entries, max_bytes,
+                FORGOTTEN_IDLE_MS]  # fmt: skip
         try:
-            run_id, cursor, found, caught_up = await self._audit(keys=[self.keys.uploads, self.keys.done], args=args)
+            run_id, cursor, found, caught_up = await self._audit(
+                keys=[self.keys.uploads, self.keys.done, self.keys.state], args=args)
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise

@@ -163,7 +163,8 @@ def wait_for_all(redises: Redises, ids: list[str], timeout: float = 240) -> None
     results, dead = ended(c)
     missing = sorted(set(ids) - set(results) - set(dead))
     waiting = {p["message_id"].decode() for p in c.xpending_range(KEYS.uploads, "danmul-taggers", "-", "+", 10_000)}
-    seen = [(i, bool(c.xrange(KEYS.uploads, i, i)), i in waiting, c.hget(KEYS.done, i)) for i in missing[:5]]
+    seen = [(i, bool(c.xrange(KEYS.uploads, i, i)), i in waiting, c.zscore(KEYS.done, ledger_member(i)))
+            for i in missing[:5]]
     raise AssertionError(f"{len(missing)} uploads never ended; (id, in the stream, pending, ledger): {seen}; "
                          f"group {c.xinfo_groups(KEYS.uploads)}")
 
@@ -183,6 +184,11 @@ def settled(c: redis.Redis, timeout: float = 60) -> None:
                                  f"{info['last-generated-id']}, entries added {info['entries-added']}, max deleted "
                                  f"{info['max-deleted-entry-id']}; {len(after)} entries after the last delivered")
         time.sleep(0.25)
+
+
+def ledger_member(entry_id: str) -> str:
+    ms, seq = entry_id.split("-")
+    return f"{int(ms):020d}-{int(seq):020d}"
 
 
 def still_held(c: redis.Redis, ids: list[str]) -> list[str]:

@@ -205,15 +205,18 @@ def test_trimming_keeps_every_undelivered_and_pending_upload(redis_server):
             await q.complete(u, int(u.fields["post_id"]), result_fields(PRED), {})
         # 150 acknowledged, 50 pending (entries 150..199), 100 undelivered; and one old pending entry:
         await q.dead_letter(delivered[160], "test")
+        unaudited = await q.trim(keep_s=0)  # the trim waits for this consumer's audit of this run of Redis
+        await q.audit()
         kept_for_an_hour = await q.trim(keep_s=3600)
         trimmed = await q.trim(keep_s=0)
         again = await q.trim(keep_s=0)
-        return ids, kept_for_an_hour, trimmed, again
+        return ids, unaudited.uploads, kept_for_an_hour.uploads, trimmed.uploads, again.uploads
 
-    ids, kept, trimmed, again = run(redis_server.url, scenario)
+    ids, unaudited, kept, trimmed, again = run(redis_server.url, scenario)
     c = redis.Redis(port=redis_server.port)
     left = [eid for eid, _ in c.xrange(keys.uploads)]
-    assert kept == 0 and trimmed == 150 and again == 0
+    assert unaudited == 0 and kept == 0 and trimmed == 150 and again == 0
+    assert c.zcard(keys.done) == 1  # the ledger keeps only what is still in the stream: the dead letter (160)
     assert left == ids[150:]  # the oldest pending one (150) and everything after it
     assert pending(c) == 49 and c.xinfo_groups(keys.uploads)[0]["lag"] == 100
 
@@ -227,7 +230,8 @@ def test_a_second_group_on_the_stream_is_respected_by_trimming(redis_server):
         c.xgroup_create(keys.uploads, "audit", id="0")  # a platform's own reader, behind ours
         for u in (await q.read(64, MB)).uploads:
             await q.complete(u, int(u.fields["post_id"]), result_fields(PRED), {})
-        return await q.trim(keep_s=0)
+        await q.audit()
+        return (await q.trim(keep_s=0)).uploads
 
     trimmed = run(redis_server.url, scenario)
     assert trimmed == 0 and redis.Redis(port=redis_server.port).xlen(keys.uploads) == 10
@@ -374,7 +378,8 @@ def test_trimming_copes_with_the_largest_stream_ids(redis_server):
         c.xadd(keys.uploads, {"post_id": "1", "image": "x"}, id="1000-18446744073709551615")
         [u] = (await q.read(64, MB)).uploads
         await q.complete(u, 1, result_fields(PRED), {})
-        return await q.trim(keep_s=0)
+        await q.audit()
+        return (await q.trim(keep_s=0)).uploads
 
     assert run(redis_server.url, scenario) == 1
 
@@ -544,11 +549,11 @@ def test_a_stale_lag_is_set_right_once_nothing_waits(redis_server):
         await q.read(64, MB)
         c.xgroup_setid(keys.uploads, "g", id=c.xinfo_groups(keys.uploads)[0]["last-delivered-id"], entries_read=4)
         stale = c.xinfo_groups(keys.uploads)[0]["lag"]
-        await q.read(64, MB)
-        return waiting, stale, c.xinfo_groups(keys.uploads)[0]
+        corrected = (await q.read(64, MB)).lag_corrected  # said, so the consumer logs it
+        return waiting, stale, corrected, c.xinfo_groups(keys.uploads)[0]
 
-    waiting, stale, group = run(redis_server.url, scenario)
-    assert (waiting, stale) == (6, 6)
+    waiting, stale, corrected, group = run(redis_server.url, scenario)
+    assert (waiting, stale, corrected) == (6, 6, 6)
     assert group["lag"] == 0 and group["entries-read"] == 10 and group["pending"] == 10
 
 
@@ -566,10 +571,114 @@ def test_the_results_and_dead_letter_streams_are_capped_by_the_trim_keeping_the_
                 await q.complete(u, post, result_fields(PRED), {})
             else:
                 await q.dead_letter(u, "test")
-        await q.trim(keep_s=3600)
+        await q.trim(keep_s=3600)  # the caps need no audit: they cut only what is over them
 
     run(redis_server.url, scenario, results_maxlen=4, dead_maxlen=1)
     c = redis.Redis(port=redis_server.port)
     assert [e[b"post_id"] for _, e in c.xrange(keys.results)] == [b"2", b"3", b"4", b"5"]
     assert [e[b"post_id"] for _, e in c.xrange(keys.dead)] == [b"7"]
     assert c.xlen(keys.uploads) == 8  # kept for an hour
+
+
+def test_one_trim_removes_every_ended_upload_whatever_their_size(redis_server):
+    """The trim reads no upload: it cuts below the group's floor (and below this consumer's audit of this run of
+    Redis), so 300 ended uploads of 512 KiB go in one call; the ledger's members go with them."""
+    keys = Keys()
+
+    async def scenario(q, c):
+        pipe = c.pipeline(transaction=False)
+        for i in range(300):
+            enqueue(pipe, keys, i, image=b"x" * (512 << 10))
+        pipe.execute()
+        while uploads := (await q.read(64, 64 * MB)).uploads:
+            for u in uploads:
+                await q.complete(u, int(u.fields["post_id"]), result_fields(PRED), {})
+        while not q.audit_state.caught_up:
+            await q.audit()
+        return await q.trim(keep_s=0)
+
+    trimmed = run(redis_server.url, scenario)
+    c = redis.Redis(port=redis_server.port)
+    assert trimmed.uploads == 300 and c.xlen(keys.uploads) == 0 and c.zcard(keys.done) == 0
+
+
+def test_a_cap_over_its_budget_says_so_and_the_next_trim_goes_on(redis_server):
+    keys = Keys()
+
+    async def scenario(q, c):
+        for i in range(30):
+            enqueue(c, keys, i, image=b"x")
+        for u in (await q.read(64, MB)).uploads:
+            await q.complete(u, int(u.fields["post_id"]), result_fields(PRED), {})
+        return [await q.trim(keep_s=3600, cap_entries=8) for _ in range(3)]
+
+    first, second, third = run(redis_server.url, scenario, results_maxlen=10)
+    assert (first.results, first.more) == (8, True) and (second.results, second.more) == (8, True)
+    assert (third.results, third.more) == (4, False) and redis.Redis(port=redis_server.port).xlen(keys.results) == 10
+
+
+def test_a_ledger_member_left_behind_by_an_entry_deleted_by_hand_goes_with_the_next_trim(redis_server):
+    keys = Keys()
+
+    async def scenario(q, c):
+        for i in range(3):
+            enqueue(c, keys, i, image=b"x")
+        a, b, d = (await q.read(64, MB)).uploads
+        c.xdel(keys.uploads, a.entry_id)  # deleted while pending: its result is written, its member left behind
+        for u in (a, b, d):
+            await q.complete(u, int(u.fields["post_id"]), result_fields(PRED), {})
+        left_behind = c.zcard(keys.done)
+        await q.audit()
+        return left_behind, await q.trim(keep_s=0)
+
+    left_behind, trimmed = run(redis_server.url, scenario)
+    assert left_behind == 3 and trimmed.uploads == 2 and redis.Redis(port=redis_server.port).zcard(keys.done) == 0
+
+
+def test_uploads_a_tagger_without_the_ledger_ended_are_not_done_again(redis_server):
+    """A group run by a tagger before the ledger: what it delivered and acknowledged counts as ended (ledger_since
+    is its last-delivered id when the new tagger first meets it), so the audit finds nothing to do again, even
+    the dead letters and superseded results whose result hash does not name them; the trim removes them."""
+    keys = Keys()
+    c = redis.Redis(port=redis_server.port)
+    for i in range(6):
+        enqueue(c, keys, i % 4, image=b"x")
+    c.xgroup_create(keys.uploads, "g", id="0")
+    for entry_id, _ in c.xreadgroup("g", "old", {keys.uploads: ">"}, count=6)[0][1]:
+        c.xack(keys.uploads, "g", entry_id)  # the old protocol's outcome scripts, as far as the group shows
+    enqueue(c, keys, 9, image=b"x")  # and one it never read
+
+    async def scenario(q, c):
+        while not q.audit_state.caught_up:
+            found = await q.audit()
+            assert found == 0
+        [u] = (await q.read(64, MB)).uploads
+        await q.complete(u, 9, result_fields(PRED), {})
+        return await q.trim(keep_s=0)
+
+    trimmed = run(redis_server.url, scenario)
+    assert trimmed.uploads == 7 and pending(c) == 0 and c.xlen(keys.results) == 1
+
+
+def test_check_server_names_every_command_the_scripts_use(acl_redis):
+    """Every command a script calls is tried at start-up under the user's ACL: a user without one (EXISTS here)
+    is refused then, not failing every trim and audit later. A user without INFO is warned, not refused."""
+    import re
+
+    from ingest import queue
+
+    called = set()
+    for name in dir(queue):
+        if name.endswith("_LUA") and isinstance(getattr(queue, name), str) and name != "_PROBE_LUA":
+            called |= {m.upper() for m in re.findall(r"redis\.p?call\('([A-Za-z]+)'", getattr(queue, name))}
+    probed = {m.upper() for m in re.findall(r"try\('([A-Za-z]+)'", queue._PROBE_LUA)}
+    assert called - {"INFO"} <= probed, called - probed  # INFO is optional: check_server warns without it
+    admin = redis.Redis(port=acl_redis.port, username="danmul", password="s3cret")
+    admin.acl_setuser("noexists", enabled=True, passwords=["+p"], keys=["danmul:*"], channels=["*"],
+                      commands=["+@all", "-exists"])  # fmt: skip
+    admin.acl_setuser("noinfo", enabled=True, passwords=["+p"], keys=["danmul:*"], channels=["*"],
+                      commands=["+@all", "-info"])  # fmt: skip
+    with pytest.raises(RedisSetupError, match="EXISTS"):
+        check_server(redis.Redis(port=acl_redis.port, username="noexists", password="p"), Keys())
+    [warning] = check_server(redis.Redis(port=acl_redis.port, username="noinfo", password="p"), Keys())
+    assert "may not run INFO" in warning and "+info" in warning

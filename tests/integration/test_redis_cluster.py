@@ -87,7 +87,8 @@ def test_the_protocol_runs_on_a_cluster_with_a_hash_tagged_prefix(cluster):
         for u in reclaimed.uploads:
             await q.complete(u, int(u.fields["post_id"]), result_fields(PRED), {})
         stats = await q.stats()
-        trimmed = await q.trim(keep_s=0)
+        await q.audit()
+        trimmed = (await q.trim(keep_s=0)).uploads
         await client.aclose()
         return stats, trimmed
 

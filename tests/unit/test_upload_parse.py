@@ -26,6 +26,7 @@ def up(**fields) -> Upload:
     ({"post_id": "42\n", "image": b"x"}, "bad_post_id"),
     ({"post_id": "9223372036854775808", "image": b"x"}, "bad_post_id"),  # 2**63
     ({"post_id": "1" * 20, "image": b"x"}, "bad_post_id"),
+    ({"post_id": "0005", "image": b"x"}, "bad_post_id"),  # result:5 is not what a platform that sent 0005 reads
     ({"post_id": "7"}, "missing_image"),
     ({"post_id": "7", "image_uri": "  "}, "missing_image"),
     ({"post_id": "7", "image": b"x" * (LIMIT + 1)}, "too_large"),
@@ -45,6 +46,9 @@ def test_good_upload_is_parsed():
     assert parse_upload(up(post_id="1", image=b"abc"), LIMIT).tags is None  # no tags: image-only
     assert up(post_id="1").enqueued_at == 1700000000.0
     assert parse_upload(up(post_id="9223372036854775807", image=b"a"), LIMIT).post_id == 2**63 - 1
+    assert parse_upload(up(post_id="0", image=b"a"), LIMIT).post_id == 0
+    with pytest.raises(BadUpload, match="out of range"):
+        parse_upload(up(post_id="1" * 26, image=b"a"), LIMIT)
 
 
 def test_tag_strings_from_uploads():
