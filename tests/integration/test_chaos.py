@@ -223,8 +223,8 @@ def test_chaos_rounds_keep_every_upload(ray_cluster, tiny_checkpoint, tiny_rows,
             redises.synced()
             delay = rng.uniform(0.0, 0.8)  # 30 uploads take about a second: mid-work, mostly
             time.sleep(delay)
-            twice_before = len(ended(c)[0]) - len(set(ended(c)[0]))
-            done_before = len(set(ended(c)[0]))
+            results_before = ended(c)[0]
+            twice_before, done_before = len(results_before) - len(set(results_before)), len(set(results_before))
             print(f"round {n + 1:2d}: {victim}", flush=True)
             if victim == "consumer":
                 what = kill_actor("UploadConsumer", rng, s.consumers)
