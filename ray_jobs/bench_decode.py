@@ -44,24 +44,23 @@ def _load(path: str):
     return module
 
 
-def _cpu(fn) -> tuple[float, str]:
-    t0 = time.process_time()
+def _timed(fn, clock) -> tuple[float, str]:
+    """``fn()``'s time on ``clock`` and its outcome: ok, or the reason (or class) of what it raised."""
+    t0 = clock()
     try:
         fn()
         outcome = "ok"
     except Exception as e:
         outcome = getattr(e, "reason", type(e).__name__)
-    return time.process_time() - t0, outcome
+    return clock() - t0, outcome
+
+
+def _cpu(fn) -> tuple[float, str]:
+    return _timed(fn, time.process_time)
 
 
 def _wall(fn) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    try:
-        fn()
-        outcome = "ok"
-    except Exception as e:
-        outcome = getattr(e, "reason", type(e).__name__)
-    return time.perf_counter() - t0, outcome
+    return _timed(fn, time.perf_counter)
 
 
 def hostile_files(h) -> dict[str, bytes]:
