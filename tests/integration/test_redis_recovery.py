@@ -348,15 +348,17 @@ def test_a_hung_redis_shows_in_the_consumers_health_within_seconds(redis_server)
                 while consumer.status()["redis"] == "ok":
                     assert time.monotonic() - t0 < 30, "the stopped Redis never showed"
                     await asyncio.sleep(0.1)
-                problem = consumer.status()["redis"]
+                problem, shown_after = consumer.status()["redis"], time.monotonic() - t0
             finally:
                 os.kill(redis_server.proc.pid, signal.SIGCONT)
             await until(c, consumer, lambda: consumer.status()["redis"] == "ok")
-            return problem
+            return problem, shown_after
         finally:
             await stop(consumer)
 
-    assert "does not answer" in asyncio.run(main())
+    problem, shown_after = asyncio.run(main())
+    print(f"a stopped redis-server showed in the consumer's status after {shown_after:.1f} s: {problem}")
+    assert "does not answer" in problem
 
 
 def test_consumers_that_left_their_names_behind_are_forgotten(redis_server):
