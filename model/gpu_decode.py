@@ -100,17 +100,18 @@ def device_decode_available(device: str) -> bool:
         return False
 
 
-def decode_path(device: str | torch.device, setting: str = "auto") -> str:
+def decode_path(device: str | torch.device, setting: str = "auto", probe: bool = True) -> str:
     """Where a predictor on ``device`` decodes: :data:`GPU` (the batch decoder, on the device) or :data:`CPU`
     (PIL, per image). ``auto``: the batch decoder on a CUDA device whose decoder works, else PIL; ``on``: the
     batch decoder wherever torchvision can decode (libjpeg-turbo on a CPU: the same code without a GPU, for
-    tests and measurement); ``off``: PIL."""
+    tests and measurement); ``off``: PIL. ``probe=False`` assumes the decoder works (a Ray driver deciding for
+    GPUs on other nodes; :class:`BatchDecoder` still sends everything to the CPU path where it does not)."""
     if setting not in SETTINGS:
         raise ValueError(f"--gpu-decode must be one of {', '.join(SETTINGS)}, not {setting!r}")
     device = torch.device(device)
     if setting == "off" or (setting == "auto" and device.type != "cuda"):
         return CPU
-    return GPU if device_decode_available(str(device)) else CPU
+    return GPU if not probe or device_decode_available(str(device)) else CPU
 
 
 @dataclass(frozen=True)
@@ -268,7 +269,8 @@ class BatchDecoder:
             plans = [None] * n
             for i, p, e in zip(encoded, found, why, strict=True):
                 plans[i], errors[i] = p, e
-        paths = ["" if errors[i] else GPU if plans[i] is not None else CPU for i in range(n)]
+        device = any(p is not None for p in plans) and device_decode_available(str(self.device))
+        paths = ["" if errors[i] else GPU if plans[i] is not None and device else CPU for i in range(n)]
         canvas = torch.full((n, 3, s, s), 255.0, dtype=torch.float32, device=self.device)  # 0..255, white
         ready = [i for i in range(n) if isinstance(images[i], np.ndarray)]
         fallback = [i for i in range(n) if paths[i] == CPU and i not in set(ready)]
