@@ -401,10 +401,11 @@ class Predictor:
                 if e is not None:
                     reason[i], detail[i] = e.reason, str(e)[:300]
             good = out.ok
-            if good.any():
-                rows = rows[good]
-                yield rows, self.tagger.scores_async(out.pixels[torch.from_numpy(good).to(out.pixels.device)],
-                                                     [given[i] for i in rows])
+            if good.all():  # the usual case: no boolean mask, whose indexing would wait for the GPU
+                yield rows, self.tagger.scores_async(out.pixels, [given[i] for i in rows])
+            elif good.any():
+                rows, kept = rows[good], torch.from_numpy(np.nonzero(good)[0]).to(out.pixels.device)
+                yield rows, self.tagger.scores_async(out.pixels[kept], [given[i] for i in rows])
 
     def __del__(self) -> None:
         if getattr(self, "_pool", None) is not None:
