@@ -289,11 +289,12 @@ class BatchDecoder:
             if self.device.type == "cuda":
                 host = host.pin_memory()
             moved = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-            canvas[torch.tensor(rows, device=self.device)] = moved
+            for j, i in enumerate(rows):  # row by row: an index tensor would be copied to the GPU and wait for it
+                canvas[i] = moved[j]
         pixels = canvas.round_().div_(255.0).sub_(self._mean).div_(self._std)  # (B, 3, S, S), as to_array
-        failed = [i for i in range(n) if errors[i] is not None]
-        if failed:
-            pixels[torch.tensor(failed, device=self.device)] = 0.0
+        for i in range(n):
+            if errors[i] is not None:
+                pixels[i] = 0.0
         return DecodedBatch(pixels, errors, paths)
 
     def _chunks(self, plans: dict[int, Plan]) -> list[list[int]]:
@@ -338,7 +339,8 @@ class BatchDecoder:
         """Images of one plan (uint8 ``(3, H, W)`` each) -> shrunk, turned and resized into their rows of
         ``canvas``, centred: what ``model.preprocess`` does to them on the CPU."""
         x0, y0, x1, y1 = p.crop
-        x = torch.stack([im[:, y0:y1, x0:x1] for im in images]).float()  # (G, 3, h, w)
+        crops = [im[None, :, y0:y1, x0:x1] for im in images]
+        x = (crops[0] if len(crops) == 1 else torch.cat(crops)).float()  # (G, 3, h, w)
         for k in (p.draft, p.factor):  # PIL's DCT scaling, then its reduce(): box filters, the last block partial
             if k > 1:
                 x = F.avg_pool2d(x, k, k, ceil_mode=True, count_include_pad=False)
@@ -350,7 +352,9 @@ class BatchDecoder:
         if (x.shape[-1], x.shape[-2]) != (tw, th):
             x = F.interpolate(x, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
         left, top = (s - tw) // 2, (s - th) // 2
-        canvas[torch.tensor(rows, device=canvas.device), :, top : top + th, left : left + tw] = x.clamp_(0.0, 255.0)
+        x = x.clamp_(0.0, 255.0)
+        for j, i in enumerate(rows):  # row by row: an index tensor would be copied to the GPU and wait for it
+            canvas[i, :, top : top + th, left : left + tw] = x[j]
 
 
 def _turn(x: torch.Tensor, orientation: int) -> torch.Tensor:

@@ -394,7 +394,9 @@ class Predictor:
         for start in range(0, len(todo), size):
             rows = todo[start : start + size]
             if "pixels" in batch:  # decoded by the decode tasks
-                yield rows, self.tagger.scores_async(torch.from_numpy(batch["pixels"][rows]), [given[i] for i in rows])
+                contiguous = rows[-1] - rows[0] + 1 == len(rows)  # the usual case: a view, not a copy of the floats
+                pixels = batch["pixels"][rows[0] : rows[-1] + 1] if contiguous else batch["pixels"][rows]
+                yield rows, self.tagger.scores_async(torch.from_numpy(pixels), [given[i] for i in rows])
                 continue
             out = self.decoder(*_device_items(batch, rows, self.tagger.config.image_size))
             for i, e in zip(rows, out.errors, strict=True):
