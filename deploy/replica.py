@@ -13,24 +13,17 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
 
+from deploy.batch import Item as _Item
+from deploy.batch import score_batch
 from deploy.runtime import start_metrics
 
 log = logging.getLogger("danmul.serve")
 
 MAX_TOP_K = 1000  # characters one answer may list at most (the API's own bound is tighter)
-
-
-@dataclass
-class _Item:
-    pixels: Any  # (3, S, S) tensor
-    tags: list[str] | None
-    top_k: int
-    threshold: float | None
 
 
 async def _done(value):
@@ -155,16 +148,9 @@ class TaggerModel:
         return out
 
     def _score(self, items: list[_Item]) -> list[dict]:
-        import torch
-
-        pixels = torch.stack([i.pixels for i in items])  # (B, 3, S, S)
         # on the event loop itself: a worker thread here only added GIL hand-offs (measured no faster);
         # decoding runs in worker processes, and the next batch forms when this one returns
-        chars, tag_probs = self.tagger.scores(pixels, [i.tags for i in items])
-        known = self.tagger.vocab.knows_any
-        return [{**self.tagger.decode(c, t, item.top_k, item.threshold, with_tags=known(item.tags)).to_dict(),
-                 "batch_size": len(items)}
-                for item, c, t in zip(items, chars, tag_probs, strict=True)]
+        return score_batch(self.tagger, items)
 
     def __del__(self) -> None:
         if hasattr(self, "decoders"):

@@ -81,3 +81,24 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# Images per model batch on one GPU, by preset: large enough that the matrix units stay busy (ViT-B/16 at 224
+# px reaches its bf16 plateau around 256 on an H100), small enough for a model replica's latency and for
+# training memory. Another input size scales it by the change in tokens.
+GPU_BATCH_SIZES = {"tiny": 1024, "base": 256}
+CPU_BATCH_SIZE = 64  # on CPU a larger batch only adds latency
+
+
+def default_batch_size(cfg: ModelConfig, device_type: str) -> int:
+    """The model batch for ``cfg`` on ``device_type`` ("cuda" or "cpu"): :data:`GPU_BATCH_SIZES` for the preset
+    whose image model ``cfg`` uses, scaled by (preset size / size)^2 and rounded down to a power of two
+    (at least 16); 64 elsewhere."""
+    if device_type != "cuda":
+        return CPU_BATCH_SIZE
+    for name, batch in GPU_BATCH_SIZES.items():
+        p = PRESETS[name]
+        if p["image_model"] == cfg.image_model and p.get("image_dim") == cfg.image_dim:
+            scaled = batch * (p["image_size"] / cfg.image_size) ** 2
+            return max(16, 1 << max(0, int(scaled).bit_length() - 1))
+    return CPU_BATCH_SIZE

@@ -81,10 +81,12 @@ def apply(tag_ids: torch.Tensor, state: CurriculumState, generator: torch.Genera
     u = torch.rand((b, t), generator=generator, device=tag_ids.device)
     is_tag = tag_ids >= UNK_ID  # tags proper (known or [UNK]); the rest is structure
     keep = ~is_tag | (u >= state.mask)
-    out = torch.full_like(tag_ids, PAD_ID)
-    for i in range(b):  # re-pack: B is small and T <= a few dozen
-        row = tag_ids[i][keep[i] & (tag_ids[i] != PAD_ID)]
-        out[i, : row.numel()] = row
+    # re-pack each row, kept tokens first in their order: a stable sort of the row by "dropped", no loop over
+    # rows (on a GPU a boolean index per row would wait for the device once per sample)
+    kept = keep & (tag_ids != PAD_ID)  # (B, T)
+    packed = torch.gather(tag_ids, 1, torch.argsort((~kept).to(torch.uint8), dim=1, stable=True))
+    slots = torch.arange(t, device=tag_ids.device)[None, :]
+    out = torch.where(slots < kept.sum(1, keepdim=True), packed, torch.full_like(tag_ids, PAD_ID))
     dropped = torch.rand(b, generator=generator, device=tag_ids.device) < state.drop
     empty = (out >= UNK_ID).sum(1) == 0  # no tags left: that is "no text" too
     return torch.where((dropped | empty)[:, None], no_text(b, t, tag_ids.device), out)

@@ -4,9 +4,15 @@
       -> skip posts already in OUT (resume)
       -> fetch + decode + preprocess        CPU tasks (bad images become error rows, never failures; a fetch
                                             failure that may pass is counted and left for the next run; each
-                                            image decoded in a worker process within a CPU and memory budget)
+                                            image decoded in a worker process within a CPU and memory budget).
+                                            With GPU decoding (--gpu-decode, on by default where the predictors
+                                            have GPUs): headers checked, JPEGs nvJPEG takes handed on as bytes
+                                            with their plan (model.gpu_decode), the rest decoded here as before
+                                            and handed on as 8-bit squares
       -> predict                            actor pool, Tagger loaded once per actor (a GPU each if any):
-                                            only predicts, returning columns
+                                            only predicts, returning columns; with GPU decoding it decodes the
+                                            bytes on its GPU first, several model batches per block so that
+                                            decoding, copies and the model overlap with the CPU's share
       -> write                              tasks: one results file and one errors file per block,
                                             atomically, named by a hash of the block's post ids, and
                                             (optional) result hashes in Redis in the streaming tagger's
@@ -51,6 +57,7 @@ ERROR_SCHEMA = pa.schema([("post_id", pa.int64()), ("image_uri", pa.string()), (
                           ("detail", pa.string())])
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 FETCH_FAILED = "fetch_failed"  # the reason of a fetch that may pass: counted, never written to errors/
+GPU_DECODE = ("auto", "on", "off")  # model.gpu_decode.SETTINGS (not imported here: the CLI imports this module)
 
 
 @dataclass
@@ -63,7 +70,18 @@ class BackfillConfig:
     split: str = field(default="test", metadata={"help": "split of a dataset input (all: every split)"})
     use_tags: bool = field(default=True, metadata={
         "help": "feed the tags of a manifest (tags column) or dataset to the model; off: image only"})
-    batch_size: int = field(default=64, metadata={"help": "images per model batch"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "images per model batch (default: the preset's on GPU predictors, 256 for base; 64 on CPU)"})
+    gpu_decode: str = field(default="auto", metadata={
+        "help": "decode JPEGs on the predictors' device (nvJPEG on a GPU): auto (where the predictors have GPUs), "
+                "on (also on CPU predictors, with torchvision's libjpeg), off (PIL in the decode tasks)"})
+    in_flight: int = field(default=4, metadata={
+        "help": "with GPU decoding, model batches per predictor call: the GPU decodes and runs the next while the "
+                "CPU turns the last one's scores into rows"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the model on GPU predictors (compiled once per actor before its first block)"})
+    channels_last: bool = field(default=False, metadata={
+        "help": "channels-last memory layout for the image encoder's convolution on GPU predictors"})
     actors: int = field(default=0, metadata={
         "help": "predictor actors (default: one per GPU; without GPUs one per CPU, less one for decoding; never "
                 "more than the input has batches)"})
@@ -87,9 +105,11 @@ class BackfillConfig:
     def __post_init__(self) -> None:
         """Refuse sizes that could only fail later (a batch of none divides by zero), naming the flag (a
         ValueError the CLI prints), as ``ServeSettings`` does for the streaming tagger's."""
-        for name, low in {"batch_size": 1, "actors": 0, "limit": 0}.items():
-            if getattr(self, name) < low:
+        for name, low in {"batch_size": 1, "actors": 0, "limit": 0, "in_flight": 1}.items():
+            if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(self, name)}")
+        if self.gpu_decode not in GPU_DECODE:
+            raise ValueError(f"--gpu-decode must be one of {', '.join(GPU_DECODE)}, not {self.gpu_decode!r}")
         value = self.fetch_timeout_s
         if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf"):
             raise ValueError(f"--fetch-timeout-s must be a positive number, not {value!r}")
@@ -229,15 +249,18 @@ def _decoder(checkpoint: str, endpoint_url: str | None, fetch_timeout_s: float |
 
 
 def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str | None,
-                fetch_timeout_s: float | None = None) -> dict[str, Any]:
-    """Fetch and preprocess every row; failures become rows with ``reason`` set and no pixels."""
+                fetch_timeout_s: float | None = None, device_decode: bool = False) -> dict[str, Any]:
+    """Fetch and preprocess every row; failures become rows with ``reason`` set and no pixels. With
+    ``device_decode`` the rows carry ``data`` and ``plan`` instead of ``pixels`` (see :func:`for_device`)."""
     from ingest.fetch import FetchRetry, store_of
     from ingest.queue import BAD_POST_ID, UNSUPPORTED_URI, BadUpload
     from model.preprocess import ImageError
 
     pool, fetcher = _decoder(checkpoint, endpoint_url, fetch_timeout_s)
     n = len(batch["post_id"])
-    pixels = np.zeros((n, 3, pool.image_size, pool.image_size), dtype=np.float32)
+    prepare = for_device(pool) if device_decode else None
+    pixels = None if prepare else np.zeros((n, 3, pool.image_size, pool.image_size), dtype=np.float32)
+    data, plans = [b""] * n, []
     reasons, details = [""] * n, [""] * n
     retry = np.zeros(n, dtype=bool)  # failed for a reason that may pass: not recorded, so a re-run tries again
     down: set[str] = set()  # stores that did not answer in this batch: the rest of their images wait too
@@ -254,7 +277,11 @@ def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str
                 if store in down:  # a second of client retries per image would only say it again
                     raise FetchRetry(f"{uri[:200]}: not tried, {store} did not answer earlier in this batch")
                 image = fetcher.fetch(uri)
-            pixels[i] = pool.preprocess(bytes(image))  # a decode over its budget is stopped: too_costly
+            if prepare:
+                data[i], plan = prepare(bytes(image))
+                plans.append((i, plan))
+            else:
+                pixels[i] = pool.preprocess(bytes(image))  # a decode over its budget is stopped: too_costly
         except (ImageError, BadUpload) as e:
             reasons[i], details[i] = e.reason, str(e)[:300]
         except FetchRetry as e:
@@ -262,10 +289,36 @@ def decode_rows(batch: dict[str, np.ndarray], checkpoint: str, endpoint_url: str
             if e.unreachable:
                 down.add(e.unreachable)
     tags = ["" if _missing(t) else " ".join(t) for t in batch["tags"]]  # "": image only
-    return {"post_id": batch["post_id"],
-            "image_uri": np.array(["" if _missing(u) else u for u in batch["image_uri"]], dtype=object),
-            "tags": np.array(tags, dtype=object), "pixels": pixels, "reason": np.array(reasons, dtype=object),
-            "detail": np.array(details, dtype=object), "retry": retry}  # fmt: skip
+    out = {"post_id": batch["post_id"],
+           "image_uri": np.array(["" if _missing(u) else u for u in batch["image_uri"]], dtype=object),
+           "tags": np.array(tags, dtype=object), "reason": np.array(reasons, dtype=object),
+           "detail": np.array(details, dtype=object), "retry": retry}  # fmt: skip
+    if prepare is None:
+        return {**out, "pixels": pixels}
+    from model.gpu_decode import PLAN_FIELDS
+
+    plan_rows = np.zeros((n, PLAN_FIELDS), dtype=np.int32)
+    for i, row in plans:
+        plan_rows[i] = row
+    return {**out, "data": np.array(data, dtype=object), "plan": plan_rows}
+
+
+def for_device(pool):
+    """The decode step of GPU decoding, for one image: its header checked (the CPU path's checks and reasons,
+    nothing decoded) and then either ``(the JPEG's bytes, its plan)`` for the predictor's device, or, for an
+    image only the CPU path decodes, ``(its 8-bit RGB square's bytes, zeros)`` decoded here within the pool's
+    budget as before (a quarter of the float pixels' bytes; the predictor normalises it)."""
+    from model.gpu_decode import plan, plan_row, to_uint8
+
+    mean, std = pool.config["mean"], pool.config["std"]
+
+    def prepare(image: bytes) -> tuple[bytes, np.ndarray]:
+        p = plan(image, pool.image_size)
+        if p is not None:
+            return image, plan_row(p)
+        return to_uint8(pool.preprocess(image), mean, std).tobytes(), plan_row(None)
+
+    return prepare
 
 
 # -- predict (actor pool) -------------------------------------------------------------------------------------
@@ -278,41 +331,112 @@ PREDICTION_SCHEMA = pa.schema([
 class Predictor:
     """Loads the ``Tagger`` once per actor; each call predicts a block and returns it as columns: the
     prediction for every row that decoded, the failure (reason, and whether it may pass) for the others.
-    Writing is the next step's (:func:`write_block`)."""
+    Writing is the next step's (:func:`write_block`). A block from GPU decoding (``data`` and ``plan``
+    columns) is decoded here first, on the model's device (:class:`model.gpu_decode.BatchDecoder`; an image
+    the device refuses is decoded on the CPU within the decode budget)."""
 
-    def __init__(self, checkpoint: str, endpoint_url: str | None, top_k: int, batch_size: int):
+    def __init__(self, checkpoint: str, endpoint_url: str | None, top_k: int, batch_size: int | None = None,
+                 compile: bool = False, channels_last: bool = False):
         import torch
 
         from ingest.storage import Storage
+        from model.gpu_decode import BatchDecoder
         from model.tagger import Tagger
 
-        self.tagger = Tagger.from_checkpoint(Storage(checkpoint, endpoint_url), batch_size=batch_size)
+        self.tagger = Tagger.from_checkpoint(Storage(checkpoint, endpoint_url), batch_size=batch_size,
+                                             compile=compile, channels_last=channels_last)
         if self.tagger.device.type == "cpu":
             torch.set_num_threads(1)  # one core per predictor actor (see run)
         self.top_k = top_k
+        self._pool = None
+        self.decoder = BatchDecoder.for_config(self.tagger.config, self.tagger.device, fallback=self._fallback)
+        if compile:
+            self.tagger.warm_up()
+
+    def _fallback(self, data: bytes) -> np.ndarray:
+        """The CPU path for an image the device refused (rare: a damaged JPEG): in a worker process, within the
+        decode budget, started when first needed."""
+        if self._pool is None:
+            from model.decode_pool import DecodePool
+
+            self._pool = DecodePool.for_config(self.tagger.config, workers=1)
+        return self._pool.preprocess(data)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        import torch
-
-        ok = np.array([r == "" for r in batch["reason"]], dtype=bool)
-        n = len(ok)
+        reason, detail = np.array(batch["reason"], dtype=object), np.array(batch["detail"], dtype=object)
+        n = len(reason)
         characters: list = [None] * n
         tags: list = [None] * n
         abstained: list = [None] * n
         model: list = [None] * n
-        if ok.any():
-            given = [t.split() or None for t in batch["tags"][ok]]
-            preds = self.tagger.predict_tensors(torch.from_numpy(batch["pixels"][ok]), given, top_k=self.top_k)
-            for i, p in zip(np.nonzero(ok)[0], preds, strict=True):
+        given = [t.split() or None for t in batch["tags"]]
+        for rows, scores in _one_ahead(self._scores(batch, reason, detail, given)):
+            preds = self.tagger.predictions(0, scores, [given[i] for i in rows], top_k=self.top_k)
+            for i, p in zip(rows, preds, strict=True):
                 characters[i] = [{"name": c, "score": s} for c, s in p.characters]
                 tags[i] = [{"name": t, "score": s} for t, s in p.tags.items()]
                 abstained[i], model[i] = p.abstained, p.model
+        ok = np.array([r == "" for r in reason], dtype=bool)
         return pa.table({
             "post_id": batch["post_id"].astype(np.int64), "image_uri": list(batch["image_uri"]),
-            "reason": list(batch["reason"]), "detail": list(batch["detail"]),
+            "reason": list(reason), "detail": list(detail),
             "retry": batch["retry"].astype(bool) & ~ok, "characters": characters, "tags": tags,
             "abstained": abstained, "model": model,
         }, schema=PREDICTION_SCHEMA)  # fmt: skip
+
+    def _scores(self, batch: dict[str, np.ndarray], reason: np.ndarray, detail: np.ndarray, given: list):
+        """``(rows, pending scores)`` per model batch, one batch ahead: the next is decoded and queued on the
+        device before the caller turns the last one into rows. A row the device decode refuses gets its reason."""
+        import torch
+
+        todo = np.nonzero(np.array([r == "" for r in reason], dtype=bool))[0]
+        size = self.tagger.batch_size
+        for start in range(0, len(todo), size):
+            rows = todo[start : start + size]
+            if "pixels" in batch:  # decoded by the decode tasks
+                contiguous = rows[-1] - rows[0] + 1 == len(rows)  # the usual case: a view, not a copy of the floats
+                pixels = batch["pixels"][rows[0] : rows[-1] + 1] if contiguous else batch["pixels"][rows]
+                yield rows, self.tagger.scores_async(torch.from_numpy(pixels), [given[i] for i in rows])
+                continue
+            out = self.decoder(*_device_items(batch, rows, self.tagger.config.image_size))
+            for i, e in zip(rows, out.errors, strict=True):
+                if e is not None:
+                    reason[i], detail[i] = e.reason, str(e)[:300]
+            good = out.ok
+            if good.all():  # the usual case: no boolean mask, whose indexing would wait for the GPU
+                yield rows, self.tagger.scores_async(out.pixels, [given[i] for i in rows])
+            elif good.any():
+                rows, kept = rows[good], torch.from_numpy(np.nonzero(good)[0]).to(out.pixels.device)
+                yield rows, self.tagger.scores_async(out.pixels[kept], [given[i] for i in rows])
+
+    def __del__(self) -> None:
+        if getattr(self, "_pool", None) is not None:
+            self._pool.close()
+
+
+def _one_ahead(items):
+    """``items``, each handed on only once the next one has been made: making one queues a model batch on the
+    device, so the GPU runs it while the caller works on the one before."""
+    it = iter(items)
+    last = next(it, None)
+    if last is None:
+        return
+    for item in it:
+        yield last
+        last = item
+    yield last
+
+
+def _device_items(batch: dict[str, np.ndarray], rows: np.ndarray, size: int) -> tuple[list, list]:
+    """A GPU-decoding block's rows -> the batch decoder's images (JPEG bytes, or the 8-bit squares the decode
+    tasks made) and plans."""
+    from model.gpu_decode import plan_of_row
+
+    plans = [plan_of_row(batch["plan"][i]) for i in rows]
+    images = [bytes(batch["data"][i]) if p is not None
+              else np.frombuffer(batch["data"][i], dtype=np.uint8).reshape(size, size, 3)
+              for i, p in zip(rows, plans, strict=True)]
+    return images, plans
 
 
 # -- write (tasks) ---------------------------------------------------------------------------------------------
@@ -395,6 +519,19 @@ def cpu_shortfall(actors: int, cpus_per_actor: float, decode_cpus: float, cluste
             "or a smaller --decode-cpus")
 
 
+def model_batch(cfg: BackfillConfig, gpus: int) -> tuple[int, bool]:
+    """The model batch (``--batch-size``, else the checkpoint preset's for the predictors' device) and whether
+    JPEGs are decoded on the predictors' device (``--gpu-decode``: auto is on where the predictors have GPUs)."""
+    from ingest.storage import Storage
+    from model.checkpoint import read_config
+    from model.config import default_batch_size
+    from model.gpu_decode import GPU, decode_path
+
+    device = "cuda" if gpus else "cpu"
+    batch = cfg.batch_size or default_batch_size(read_config(Storage(cfg.checkpoint, cfg.endpoint_url)), device)
+    return batch, decode_path(device, cfg.gpu_decode, probe=False) == GPU  # the GPUs are the actors', not ours
+
+
 def run(cfg: BackfillConfig, log=print) -> BackfillResult:
     import ray
     import ray.data
@@ -419,8 +556,10 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
         object_store_memory=cfg.buffer_mb * 2**20)
     ds, kind = read_input(cfg)
     total = ds.count()  # Parquet metadata for manifests and datasets; the kept listing for a prefix
+    batch, device_decode = model_batch(cfg, gpus)
+    block = batch * (cfg.in_flight if device_decode and gpus else 1)  # rows per decode task and predictor call
     # no more predictors than batches: each loads the model (seconds of CPU) before its first image
-    actors = min(actors, max(1, math.ceil(min(total, cfg.limit or total) / cfg.batch_size)))
+    actors = min(actors, max(1, math.ceil(min(total, cfg.limit or total) / block)))
     warning = cpu_shortfall(actors, 0 if gpus else 1, cfg.decode_cpus, resources.get("CPU", 0))
     if warning:
         log(warning)
@@ -430,21 +569,22 @@ def run(cfg: BackfillConfig, log=print) -> BackfillResult:
         ds = ds.map_batches(_skip_done, batch_format="pyarrow", fn_kwargs={"done_ref": ray.put(done)})
     if cfg.limit:
         ds = ds.limit(cfg.limit)
-    ds = ds.map_batches(decode_rows, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.decode_cpus,
+    ds = ds.map_batches(decode_rows, batch_size=block, batch_format="numpy", num_cpus=cfg.decode_cpus,
                         fn_kwargs={"checkpoint": cfg.checkpoint, "endpoint_url": cfg.endpoint_url,
-                                   "fetch_timeout_s": cfg.fetch_timeout_s})
+                                   "fetch_timeout_s": cfg.fetch_timeout_s, "device_decode": device_decode})
     ds = ds.map_batches(
-        Predictor, batch_size=cfg.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
+        Predictor, batch_size=block, batch_format="numpy", compute=ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
         fn_constructor_kwargs=dict(checkpoint=cfg.checkpoint, endpoint_url=cfg.endpoint_url, top_k=cfg.top_k,
-                                   batch_size=cfg.batch_size),
+                                   batch_size=batch, compile=cfg.compile, channels_last=cfg.channels_last),
     )  # fmt: skip
     ds = ds.map_batches(BlockWriter, batch_size=None, batch_format="pyarrow", num_cpus=0,
                         compute=ActorPoolStrategy(size=1), fn_constructor_kwargs=dict(
                             out=cfg.out, endpoint_url=cfg.endpoint_url, redis_url=cfg.redis, prefix=cfg.prefix))
     metrics = _metrics(cfg.metrics_port)
     log(f"backfill of {total:,} images in {cfg.input} ({kind}) -> {out.uri} with {actors} predictor(s)"
-        f"{' on GPUs' if gpus else ' on CPU'}, batch {cfg.batch_size}")
+        f"{' on GPUs' if gpus else ' on CPU'}, batch {batch}, JPEGs decoded "
+        f"{('on the GPUs' if gpus else 'by the predictors') if device_decode else 'by CPU tasks'}")
     todo = max(0, total - len(done))
     bar = _progress(cfg.progress, min(todo, cfg.limit) if cfg.limit else todo)
     processed = errors = retry = 0

@@ -91,6 +91,12 @@ def _bench_backfill(args: argparse.Namespace) -> int:
     return bench_main(args.images or [10_000, 50_000], batch_size=args.batch_size, image_size=args.image_size)
 
 
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from ray_jobs.bench_gpu import run
+
+    return run(args)
+
+
 def _bench_paper(args: argparse.Namespace) -> int:
     from ray_jobs.paper_claim import ordering_checks, run
 
@@ -275,6 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per model batch (default: 64)")
     p.add_argument("--image-size", type=int, default=64, help="image side and model input, px (default: 64)")
     p.set_defaults(func=_bench_backfill)
+
+    p = bench_sub.add_parser("gpu", help="the GPU path (base preset): bare model eager and compiled, GPU vs CPU "
+                             "decoding, backfill predictor, replica batch and training step against the bare model; "
+                             "one JSON line per figure, in minutes; without a GPU the CPU-side parts at a tiny size",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from ray_jobs.bench_gpu import add_arguments as bench_gpu_arguments
+
+    bench_gpu_arguments(p)
+    p.set_defaults(func=_bench_gpu)
 
     p = bench_sub.add_parser("paper", help="the paper's claim on any Dan:mul dataset (default: a synthetic one): "
                              "image-only vs multimodal, with and without curriculum, and its ordering checks")

@@ -125,3 +125,27 @@ def test_bench_build_smoke():
     """The benchmark runs and prints its table (figures only; nothing about speed is asserted)."""
     proc = danmul("bench", "build", "--lines", "2000", "--lines", "4000")
     assert "| metadata lines |" in proc.stdout and "peak memory" in proc.stdout
+
+
+def test_bench_gpu_quick_runs_every_part_as_json_lines():
+    """``python -m ray_jobs.bench_gpu --quick`` as the GPU machine runs it (module form, no install): every line
+    on stdout is JSON, every part gives its figures, and a machine without a GPU says so and exits 0."""
+    import torch
+
+    proc = subprocess.run([sys.executable, "-m", "ray_jobs.bench_gpu", "--quick", "--no-ray"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(s) for s in proc.stdout.splitlines()]
+    figures = {line["figure"]: line for line in lines}
+    assert not [line for line in lines if "error" in line], proc.stderr[-3000:]
+    for name in ("bare_inference_eager", "bare_inference_channels_last", "decode_cpu_pil", "header_checks",
+                 "gpu_decode_agreement", "backfill_predictor_gpu_decode", "backfill_predictor_cpu_decoded",
+                 "replica_batch", "train_step_bare", "train_step_shared"):
+        assert figures[name]["value"] > 0 and {"gpu", "torch", "cuda"} <= set(figures[name]), name
+    assert figures["replica_batch"]["ratio_to"] == "bare_inference_b8" and figures["replica_batch"]["ratio"] > 0
+    assert figures["gpu_decode_agreement"]["within_tolerance"] is True
+    assert figures["ray"]["skipped"] == "--no-ray"
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in figures["gpu"]["skipped"] and figures["environment"]["device"] == "cpu"
+        assert "skipped" in figures["bare_inference_compiled"]
+    assert danmul("bench", "gpu", "--help").stdout.startswith("usage: danmul bench gpu")

@@ -277,3 +277,52 @@ def test_the_decode_step_refuses_what_the_streaming_tagger_refuses(tiny_rows, ti
     assert not out["retry"].any()
     pre = Preprocessor.from_config(read_config(tiny_checkpoint))
     assert np.array_equal(out["pixels"][-1], pre.array(images[-1]))
+
+
+def test_gpu_decoding_rows_refuse_and_predict_as_the_cpu_paths_do(tiny_rows, tiny_checkpoint):
+    """--gpu-decode, without Ray: the decode step checks headers (the same refusals), hands JPEGs on as bytes with
+    their plan and everything else as 8-bit squares; the predictor decodes the bytes on its device (here the CPU,
+    with torchvision's libjpeg) and predicts what it predicts from the CPU path's pixels, within the tolerance."""
+    from hostile_images import corpus
+
+    from model.gpu_decode import PLAN_FIELDS
+    from ray_jobs.backfill import Predictor, decode_rows
+
+    items = corpus()
+    names = [n for n in items if len(items[n][0]) < 1 << 20]  # the quick ones: each reason, every format
+    images = [items[n][0] for n in names] + [r["image"] for r in tiny_rows[:200]]
+    n = len(images)
+    batch = {"post_id": np.arange(1, n + 1), "image": np.array(images, dtype=object),
+             "image_uri": np.array([None] * n, dtype=object), "tags": np.array([None] * n, dtype=object)}
+    cpu = decode_rows(batch, tiny_checkpoint, None)
+    dev = decode_rows(batch, tiny_checkpoint, None, device_decode=True)
+    assert list(dev["reason"]) == list(cpu["reason"]) and "pixels" not in dev
+    assert dev["plan"].shape == (n, PLAN_FIELDS) and dev["plan"].any(axis=1).sum() > 100  # the JPEGs, as bytes
+    predictor = Predictor(tiny_checkpoint, None, top_k=3, batch_size=32)
+    want, got = predictor(cpu).to_pylist(), predictor(dev).to_pylist()
+    assert [r["reason"] for r in got] == [r["reason"] for r in want]
+    top1 = [(a["characters"][0]["name"], b["characters"][0]["name"]) for a, b in zip(want, got, strict=True)
+            if a["reason"] == ""]
+    assert sum(a == b for a, b in top1) >= 0.97 * len(top1)
+    for a, b in zip(want, got, strict=True):
+        if a["reason"] == "":
+            assert abs(a["characters"][0]["score"] - b["characters"][0]["score"]) < 0.02
+
+
+def test_archive_with_gpu_decoding_on_matches_tagger(local_ray, archive, tiny_checkpoint, s3_bucket):
+    """The whole job with --gpu-decode on and CPU predictors: the same rows and errors as the CPU path, the
+    same top character nearly always (the two paths agree within model.gpu_decode's tolerance)."""
+    prefix, images, bad = archive
+    out = f"{s3_bucket}/backfill-gpu-decode"
+    lines = []
+    result = run(BackfillConfig(input=prefix, checkpoint=tiny_checkpoint, out=out, gpu_decode="on", progress=False),
+                 log=lines.append)
+    assert "JPEGs decoded by the predictors" in lines[0] and "batch 64" in lines[0]
+    assert (result.processed, result.errors) == (N_GOOD, sum(CORRUPT.values()))
+    results, errors = read_results(out)
+    assert dict(zip(errors.column("post_id").to_pylist(), errors.column("reason").to_pylist(), strict=True)) == bad
+    tagger = Tagger.from_checkpoint(tiny_checkpoint)
+    got = {r["post_id"]: r["characters"][0]["name"] for r in results.to_pylist()}
+    ids = sorted(got)
+    want = {p: pred.characters[0][0] for p, pred in zip(ids, tagger.predict([images[p] for p in ids]), strict=True)}
+    assert sum(got[p] == want[p] for p in ids) >= 0.97 * len(ids)

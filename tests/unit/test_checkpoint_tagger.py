@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -207,3 +208,57 @@ def test_fields_a_newer_writer_adds_to_labels_are_ignored(ckpt_dir):
     labels = json.loads((path / "labels.json").read_text())
     (path / "labels.json").write_text(json.dumps({**labels, "registry": {"new_char": [0.1, 0.2]}}))
     assert load(path).labels.characters == CHARS
+
+
+# -- throughput settings (what a GPU wants; the CPU's answers stay the same) ------------------------------------
+def test_the_batch_size_defaults_per_preset_and_device(ckpt_dir):
+    from model.config import default_batch_size
+
+    assert Tagger.from_checkpoint(ckpt_dir[0]).batch_size == 64  # CPU: unchanged
+    assert default_batch_size(preset("base"), "cuda") == 256 and default_batch_size(preset("base"), "cpu") == 64
+    assert default_batch_size(preset("base", image_size=448), "cuda") == 64  # 4x the tokens, a quarter the batch
+    assert default_batch_size(preset("tiny"), "cuda") == 1024
+    assert default_batch_size(preset("base", image_model="vit_small_patch16_224"), "cuda") == 64  # no preset's
+
+
+def test_channels_last_and_a_compiled_padded_batch_give_the_same_scores(ckpt_dir, monkeypatch):
+    path = ckpt_dir[0]
+    x = torch.randn(3, 3, 32, 32)
+    tags = [["tag_1"], None, ["tag_2", "nope"]]
+    eager = Tagger.from_checkpoint(path, batch_size=8)
+    want = eager.scores(x, tags)
+    last = Tagger.from_checkpoint(path, batch_size=8, channels_last=True)
+    for a, b in zip(last.scores(x, tags), want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda net, **kw: lambda p, t: seen.append(p.shape[0]) or net(p, t))
+    compiled = Tagger.from_checkpoint(path, batch_size=8, compile=True)
+    compiled.warm_up()
+    got = compiled.scores(x, tags)
+    assert seen == [8, 8]  # the short batch was padded: one batch size, one compiled graph
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_batches_in_flight_give_what_one_batch_at_a_time_gives(ckpt_dir):
+    tagger = Tagger.from_checkpoint(ckpt_dir[0], batch_size=4)
+    x = torch.randn(10, 3, 32, 32)
+    tags = [["tag_3"] if i % 2 else None for i in range(10)]
+    pending = tagger.scores_async(x[:4], tags[:4])
+    for got, want in zip(pending.result(), tagger.scores(x[:4], tags[:4]), strict=True):
+        np.testing.assert_array_equal(got, want)
+    whole = tagger.predict_tensors(x, tags, top_k=3)
+    one_by_one = [p for i in range(10) for p in Tagger.from_checkpoint(ckpt_dir[0], batch_size=1).predict_tensors(
+        x[i : i + 1], tags[i : i + 1], top_k=3)]
+    for a, b in zip(whole, one_by_one, strict=True):  # the same, up to float rounding of other batch shapes
+        assert [n for n, _ in a.characters] == [n for n, _ in b.characters] and a.tags.keys() == b.tags.keys()
+        np.testing.assert_allclose([s for _, s in a.characters], [s for _, s in b.characters], atol=1e-5)
+
+
+def test_the_top_k_are_the_k_best_best_first(ckpt_dir):
+    tagger = Tagger.from_checkpoint(ckpt_dir[0])
+    probs = np.random.default_rng(0).dirichlet(np.ones(len(CHARS))).astype(np.float32)
+    pred = tagger.decode(probs, np.zeros(len(TAGS), np.float32), top_k=4)
+    assert [n for n, _ in pred.characters] == [CHARS[i] for i in np.argsort(-probs)[:4]]
+    assert len(tagger.decode(probs, np.zeros(len(TAGS), np.float32), top_k=50).characters) == len(CHARS)

@@ -125,6 +125,25 @@ def test_apply_drops_and_masks():
         assert row[0] == CLS_ID and row[n - 1] == SEP_ID and (row[n:] == PAD_ID).all()
 
 
+def test_masking_keeps_the_remaining_tags_in_order_as_a_loop_over_rows_would():
+    """The re-pack is vectorised (no per-row boolean index: on a GPU each would wait for the device): every row
+    is what taking its kept tokens in order gives."""
+    g = torch.Generator().manual_seed(3)
+    tag_ids = torch.randint(UNK_ID, 300, (64, 20), generator=g)
+    lengths = torch.randint(0, 18, (64,), generator=g)
+    for i, n in enumerate(lengths.tolist()):
+        tag_ids[i, 0], tag_ids[i, n + 1], tag_ids[i, n + 2 :] = CLS_ID, SEP_ID, PAD_ID
+    out = cur.apply(tag_ids, cur.CurriculumState(0.0, 0.5), torch.Generator().manual_seed(7))
+    u = torch.rand(tag_ids.shape, generator=torch.Generator().manual_seed(7))
+    keep = (tag_ids < UNK_ID) | (u >= 0.5)
+    for i in range(64):
+        row = tag_ids[i][keep[i] & (tag_ids[i] != PAD_ID)]
+        if (row >= UNK_ID).any():  # else the sample became "no text"
+            assert torch.equal(out[i, : len(row)], row) and (out[i, len(row) :] == PAD_ID).all()
+        else:
+            assert torch.equal(out[i], cur.no_text(1, 20)[0])
+
+
 # -- vocabulary ---------------------------------------------------------------------------------------
 
 
