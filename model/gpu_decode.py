@@ -10,14 +10,16 @@ Which path an image takes (:func:`plan`), per image, never failing the batch:
 - every image first passes the CPU path's checks on its header, before anything is decoded
   (``model.preprocess``: size in bytes, accepted formats, structure budget, pixel budget, short side);
   an image refused there gets the same :class:`~model.preprocess.ImageError` as on the CPU path;
-- an 8-bit baseline or extended-sequential Huffman JPEG (SOF0/SOF1), greyscale or YCbCr, whose last scan
-  ends at an end-of-image marker, is decoded in one batched ``torchvision.io.decode_jpeg(list, device=...)``
-  call (nvJPEG on a GPU, libjpeg-turbo on a CPU);
+- an 8-bit baseline or extended-sequential Huffman JPEG (SOF0/SOF1), greyscale (sampled 1x1) or YCbCr, whose
+  last scan ends at an end-of-image marker, is decoded in one batched ``torchvision.io.decode_jpeg(list,
+  device=...)`` call (nvJPEG on a GPU, libjpeg-turbo on a CPU); on a GPU only when it shrinks at least
+  :data:`MIN_GPU_SHRINK` times to the model's input;
 - everything else falls back to the CPU path one image at a time (``fallback``: the caller's bounded
   :class:`~model.decode_pool.DecodePool`, else :class:`~model.preprocess.Preprocessor`): PNG, WebP, GIF,
-  BMP, progressive or arithmetic-coded JPEGs, CMYK/YCCK and RGB-coded (Adobe transform 0) JPEGs, a JPEG
-  without an end-of-image marker after its scan (truncated: the CPU path says so, libjpeg and nvJPEG would
-  fill the rest with grey), and any image the batched call or a lone retry of it raises on.
+  BMP, progressive or arithmetic-coded JPEGs, CMYK/YCCK and RGB-coded (Adobe transform 0) JPEGs, grey JPEGs
+  sampled other than 1x1, JPEGs decoded at about their own size, a JPEG without an end-of-image marker after
+  its scan (truncated: the CPU path says so, libjpeg and nvJPEG would fill the rest with grey), and any image
+  the batched call or a lone retry of it raises on.
 
 On the device each image is then shrunk, turned and padded exactly as ``model.preprocess`` does on the
 CPU: the aspect rule's window (:func:`~model.preprocess.aspect_box`, after EXIF orientation), the
@@ -70,6 +72,11 @@ OUTLIER_SHARE = 0.1  # ... and at most this share of an image's values may be
 # declared pixels one batched decode call may hold (uint8 RGB: 3 bytes each, ~200 MB): 256 images of 512 x 512
 # in one call, while a batch of large images (each allowed up to 50 Mpx by the pixel budget) is split
 DEVICE_BATCH_PIXELS = 1 << 26
+# The smallest shrink (the aspect window's long side over S) at which an image goes to nvJPEG. Measured on an
+# H200 (danmul bench gpu, 2026-12-04): 512 px JPEGs at S = 224 (shrink 2.3) agree with the CPU path within 0.014
+# (worst image's mean |difference|), but images decoded at about their own size differed by 0.075 and 0.081
+# (64 x 48 at S = 64): nvJPEG upsamples chroma without libjpeg's smoothing, a difference a shrink averages away.
+MIN_GPU_SHRINK = 2
 
 GPU, CPU = "gpu", "cpu"  # decode paths: the batch decoder on the model's device, or PIL per image
 SETTINGS = ("auto", "on", "off")
@@ -161,6 +168,10 @@ def _plan(data: bytes, size: int, max_pixels: int, max_bytes: int) -> Plan | Non
         return None
     if img.mode == "RGB" and (img.info.get("adobe_transform") == 0 or [c[0] for c in img.layer] == [82, 71, 66]):
         return None  # RGB-coded, not YCbCr: libjpeg reads it by its markers, nvJPEG would not
+    if img.mode == "L" and any(c[1] != 1 or c[2] != 1 for c in img.layer):
+        # one component sampled 2x1 or 2x2 (legal, meaningless): nvJPEG decoded such files wrong on an H200
+        # (mean |difference| 0.20 and 0.35 against libjpeg), while 1x1 grey files agreed within 0.002
+        return None
     frame = _jpeg_frame(data)
     if frame is None or frame[0] not in _JPEG_SEQUENTIAL or data.rfind(_JPEG_EOI) < frame[1]:
         return None  # arithmetic, lossless or hierarchical; or no end-of-image marker after the scan
@@ -270,6 +281,8 @@ class BatchDecoder:
             for i, p, e in zip(encoded, found, why, strict=True):
                 plans[i], errors[i] = p, e
         device = any(p is not None for p in plans) and device_decode_available(str(self.device))
+        if self.device.type == "cuda":  # nvJPEG: images it would decode at about their own size go to the CPU path
+            plans = [p if p is None or p.draft * p.factor >= MIN_GPU_SHRINK else None for p in plans]
         paths = ["" if errors[i] else GPU if plans[i] is not None and device else CPU for i in range(n)]
         canvas = torch.full((n, 3, s, s), 255.0, dtype=torch.float32, device=self.device)  # 0..255, white
         ready = [i for i in range(n) if isinstance(images[i], np.ndarray)]
