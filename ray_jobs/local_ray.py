@@ -14,6 +14,7 @@ Python's ``sys.stderr`` (danmul's errors, tracebacks, progress bars) keeps the c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -46,7 +47,8 @@ def quiet_libraries() -> None:
         return
     import warnings
 
-    import ray.serve  # noqa: F401  (its import sets its logger up; then the level below holds)
+    with contextlib.suppress(ImportError):  # Serve's extras may be missing where only Ray Data runs
+        import ray.serve  # noqa: F401  (its import sets its logger up; then the level below holds)
 
     for name in ("ray", "ray.serve", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
