@@ -216,6 +216,19 @@ local function member(id)
   return string.rep('0', 20 - #ms) .. ms .. '-' .. string.rep('0', 20 - #seq) .. seq
 end
 local function in_ledger(done, id) return redis.call('ZSCORE', done, member(id)) ~= false end
+-- The seal: a script that moved the group or an entry (XREADGROUP, XCLAIM, XAUTOCLAIM, XGROUP, XACK) also writes
+-- this, so that its effects are two commands or more: one MULTI/EXEC block in the append-only file, never a
+-- plain command. Redis logs every claim as XCLAIM ... LASTID <the group's last-delivered id>: a plain one
+-- (a heartbeat's or a read's single entry) replayed where the blocks before it were dropped moves the group
+-- past entries whose delivery was dropped, and they look acknowledged without an outcome.
+local function seal(state, what) redis.call('HSET', state, 'sealed', what) end
+-- which Redis this is: its process (run_id) and its data's lineage (master_replid: new on a promotion and on a
+-- full resync from another primary); 'unknown' where the user may not run INFO
+local function run_identity()
+  local info = redis.pcall('INFO', 'server', 'replication')
+  if type(info) ~= 'string' then return 'unknown' end
+  return (string.match(info, 'run_id:(%x+)') or '?') .. ':' .. (string.match(info, 'master_replid:(%x+)') or '?')
+end
 local function record(done, id) redis.call('ZADD', done, 0, member(id)) end
 -- whether an entry that is not pending has ended: the ledger knows it, or it was delivered before the ledger
 -- existed (at or below since)
@@ -299,12 +312,12 @@ return {2, recovered}
 # acknowledged, not handed out. Returns {uploads, dead, ended}: uploads = {id, fields, size}..., dead = {id,
 # reason, detail}..., ended = how many were acknowledged as already ended.
 _READ_LUA = _LUA_COMMON + """
-local uploads, dead, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local uploads, dead, attempts, done, state = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, consumer, count, max_entry, budget = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
                                                   tonumber(ARGV[5])
 local max_fields, max_value, max_image = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'zset') then
-  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts hash or ledger holds another type')
+if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'zset') or not holds(state, 'hash') then
+  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, a danmul hash or the ledger holds another type')
 end
 local out, buried, total, skipped, drained = {}, {}, 0, 0, false
 for _ = 1, count do
@@ -333,6 +346,7 @@ for _ = 1, count do
     if total >= budget then break end
   end
 end
+if #out > 0 or skipped > 0 then seal(state, 'read') end
 -- Nothing after the group's last-delivered id: nothing waits, so its lag is 0. Redis counts the lag as entries
 -- added minus entries read, and a replay or a replica does not carry the group's read counter (reads are
 -- logged as XCLAIM ... LASTID), so after one the count can stay above 0 for good; so does the count of
@@ -346,6 +360,7 @@ if drained then
         and type(info['entries-read']) == 'number' then
       redis.call('XGROUP', 'SETID', uploads, group, info['last-delivered-id'], 'ENTRIESREAD',
                  info['entries-read'] + info['lag'])
+      seal(state, 'lag')
       corrected = info['lag']
     end
   end
@@ -362,15 +377,15 @@ return {out, buried, skipped, corrected}
 # rest are claimed with XCLAIM (which counts the delivery and loads the body) under the same byte budget as
 # reads. Returns {next cursor, uploads {id, fields, size, deliveries}..., dead {id, reason, detail}..., ended}.
 _CLAIM_LUA = _LUA_COMMON + """
-local uploads, dead, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local uploads, dead, attempts, done, state = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, consumer, min_idle, cursor = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local count, max_entry, budget, max_deliveries = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
                                                  tonumber(ARGV[8])
 local max_fields, max_value, max_image = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'zset') then
-  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts hash or ledger holds another type')
+if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'zset') or not holds(state, 'hash') then
+  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, a danmul hash or the ledger holds another type')
 end
-local out, buried, total, skipped = {}, {}, 0, 0
+local out, buried, total, skipped, moved = {}, {}, 0, 0, false
 -- a dead letter; in_stream: the entry is still in the stream (then it is acknowledged and in the ledger)
 local function bury(id, fields, reason, detail, delivered, in_stream)
   local e = dead_fields(id, fields, reason, detail, delivered, max_fields, max_value, max_image)
@@ -385,6 +400,7 @@ end
 for _ = 1, count do
   local r = redis.call('XAUTOCLAIM', uploads, group, consumer, min_idle, cursor, 'COUNT', 1, 'JUSTID')
   cursor = r[1]
+  moved = moved or #r[2] > 0 or #(r[3] or {}) > 0
   for _, id in ipairs(r[3] or {}) do
     bury(id, {}, 'deleted', 'deleted from the uploads stream while pending', 0, false)
   end
@@ -424,6 +440,7 @@ for _ = 1, count do
   end
   if cursor == '0-0' or total >= budget then break end
 end
+if moved then seal(state, 'claim') end
 return {cursor, out, buried, skipped}
 """
 
@@ -433,11 +450,11 @@ return {cursor, out, buried, skipped}
 # drops from the pending list) gets its `deleted` dead letter here. ARGV: group, consumer, max_fields, max_value,
 # max_image, ids... Returns {touched, deleted ids}.
 _TOUCH_LUA = _LUA_COMMON + """
-local uploads, dead, attempts = KEYS[1], KEYS[2], KEYS[3]
+local uploads, dead, attempts, state = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, consumer = ARGV[1], ARGV[2]
 local max_fields, max_value, max_image = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-if not holds(dead, 'stream') or not holds(attempts, 'hash') then
-  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream or attempts hash holds another type')
+if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(state, 'hash') then
+  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream or a danmul hash holds another type')
 end
 local n, gone = 0, {}
 for i = 6, #ARGV do
@@ -456,6 +473,7 @@ for i = 6, #ARGV do
     end
   end
 end
+if n > 0 or #gone > 0 then seal(state, 'touch') end
 return {n, gone}
 """
 
@@ -498,9 +516,7 @@ local function cap(stream, maxlen)
   return redis.call('XTRIM', stream, 'MINID', next_id(last))
 end
 local capped_results, capped_dead = cap(results, results_maxlen), cap(dead, dead_maxlen)
-local info = redis.pcall('INFO', 'server')
-local now_run = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or 'unknown'
-if now_run ~= run_id or audited == '-' or redis.call('EXISTS', uploads) == 0 or not holds(done, 'zset')
+if run_identity() ~= run_id or audited == '-' or redis.call('EXISTS', uploads) == 0 or not holds(done, 'zset')
     or not holds(state, 'hash') then
   return {0, capped_results, capped_dead, more}  -- Redis changed since the caller's audit: not before it walked
 end
@@ -537,12 +553,12 @@ _AUDIT_LUA = _LUA_COMMON + """
 local uploads, done, state = KEYS[1], KEYS[2], KEYS[3]
 local group, consumer, seen, cursor, rested = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local max_entries, max_bytes, idle_ms = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
--- INFO needs a right some ACLs withhold (@dangerous): without it every step sees the same "Redis", so the walk
--- runs once per consumer start (check_server warns)
-local info = redis.pcall('INFO', 'server')
-local run_id = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or 'unknown'
+-- INFO needs a right some ACLs withhold (@dangerous): check_server refuses a user without it
+local run_id = run_identity()
 if run_id ~= seen then
   cursor = '-'
+  -- another consumer walked this run of Redis to its end already (recorded below): nothing to do again
+  if run_id ~= 'unknown' and redis.call('HGET', state, 'audited') == run_id then return {run_id, '-', 0, 1} end
 elseif rested == '1' then
   return {run_id, cursor, 0, 1}
 end
@@ -561,6 +577,10 @@ local found, bytes, caught_up = 0, 0, 0
 for _ = 1, max_entries do
   local start = cursor
   if start ~= '-' then start = '(' .. cursor end
+  if cursor ~= '-' and next_id(cursor) == cursor then  -- the largest id there is: nothing comes after it
+    caught_up = 1
+    break
+  end
   local r = redis.call('XRANGE', uploads, start, last, 'COUNT', 1)
   if #r == 0 then
     caught_up = 1
@@ -575,6 +595,10 @@ for _ = 1, max_entries do
   bytes = bytes + entry_size(r[1][2])
   if bytes >= max_bytes then break end
 end
+if found > 0 then seal(state, 'audit') end
+if caught_up == 1 and run_id ~= 'unknown' then
+  redis.call('HSET', state, 'audited', run_id)  -- consumers that start later in this run need not walk again
+end
 return {run_id, cursor, found, caught_up}
 """
 
@@ -582,9 +606,11 @@ return {run_id, cursor, found, caught_up}
 # ledger first meets it. For a group this tagger made, nothing was delivered yet ('0-0': every entry needs a
 # ledger member to count as ended); a group a tagger without the ledger ran counts what it delivered up to now
 # as ended once acknowledged. The group is made by a plain XGROUP CREATE before this, and this writes one
-# command: both replay even when an append-only file's blocks do not. KEYS: uploads, state. ARGV: group.
+# command: both replay even when an append-only file's blocks do not. A ledger that exists already means the
+# tagger ran here with it (the state hash was lost): '0-0'. KEYS: uploads, state, done. ARGV: group.
 _ENSURE_LUA = """
-local uploads, state, group = KEYS[1], KEYS[2], ARGV[1]
+local uploads, state, done, group = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
+if redis.call('EXISTS', done) == 1 then return redis.call('HSETNX', state, 'ledger_since', '0-0') end
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', uploads)) do
   local gi = {}
   for i = 1, #g - 1, 2 do gi[g[i]] = g[i + 1] end
@@ -597,7 +623,7 @@ return 0
 # nothing pending and has not been heard from in max_idle_ms is deleted (deleting one with pending entries
 # would drop them). ARGV: group, max_idle_ms, our own name. Returns how many were deleted.
 _FORGET_LUA = """
-local uploads, group, max_idle, me = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local uploads, state, group, max_idle, me = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), ARGV[3]
 if redis.call('EXISTS', uploads) == 0 then return 0 end
 local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', uploads, group)
 if not ok then return 0 end
@@ -610,6 +636,7 @@ for _, c in ipairs(consumers) do
     n = n + 1
   end
 end
+if n > 0 then redis.call('HSET', state, 'sealed', 'forget') end  -- one block, as the other scripts' (see seal)
 return n
 """
 
@@ -618,7 +645,7 @@ ENTRY_FIELD_COST = 64  # bytes an entry's field costs a consumer beyond its name
 # the audit, and the caps of the results and dead-letter streams, read entries to walk them: per call at most
 # this many, and about these bytes (Redis copies what it reads into the script: about 1.5 ms per MiB)
 AUDIT_MAX_ENTRIES, AUDIT_MAX_BYTES = 2_000, 16 << 20
-CAP_MAX_ENTRIES, CAP_MAX_BYTES = 10_000, 16 << 20
+CAP_MAX_ENTRIES, CAP_MAX_BYTES = 10_000, 4 << 20  # at most ~10 ms of Redis a call
 FORGOTTEN_IDLE_MS = 10**10  # a forgotten upload made pending again looks idle this long: any reclaim takes it
 MAX_ENTRY_FIELDS = 256  # an entry with more fields is dead-lettered (too_large) unread
 for _name in ("_DEAD_LUA", "_COMPLETE_LUA", "_READ_LUA", "_CLAIM_LUA", "_TOUCH_LUA", "_TRIM_LUA", "_AUDIT_LUA"):
@@ -914,6 +941,11 @@ return denied
 """
 
 
+NEEDS_INFO = ("the Redis user may not run INFO: the tagger needs it (the server's version and eviction policy, and "
+              "which run of Redis it works on: after a restart or failover it checks for uploads Redis forgot). "
+              "Allow it with +info")
+
+
 def check_server(client, keys: Keys, allow_eviction: bool = False, cluster: bool = False, group: str | None = None,
                  allow_other_groups: bool = False) -> list[str]:
     """Refuse a Redis the tagger cannot keep its promise on (raises :class:`RedisSetupError` with what to
@@ -930,10 +962,7 @@ def check_server(client, keys: Keys, allow_eviction: bool = False, cluster: bool
         try:
             info, memory = client.info("server"), client.info("memory")
         except redis.exceptions.NoPermissionError:  # logged in, but INFO is withheld (an ACL without @dangerous)
-            info, memory = {}, {}
-            warnings.append("the Redis user may not run INFO: the server's version and eviction policy are not "
-                            "checked, and after a Redis restart or failover the uploads whose delivery Redis forgot "
-                            "are found only when a consumer restarts. Allow it with +info")
+            raise RedisSetupError(NEEDS_INFO) from None
     except AUTH_ERRORS as e:
         raise RedisSetupError(f"Redis refused the credentials ({e}): check the user and password in the URL, "
                               "or REDIS_USERNAME / REDIS_PASSWORD, and the user's ACL") from None
@@ -971,9 +1000,8 @@ def check_server(client, keys: Keys, allow_eviction: bool = False, cluster: bool
     if denied:
         raise RedisSetupError(f"the Redis user may not run {', '.join(_text(d).upper() for d in denied)} on "
                               f"{keys.prefix}*: danmul's scripts need them")
-    if info and not client.eval("return type(redis.pcall('INFO', 'server')) == 'string' and 1 or 0", 0):
-        warnings.append("the Redis user may not run INFO from a script: after a Redis restart or failover, uploads "
-                        "whose delivery Redis forgot are found only when a consumer restarts. Allow it with +info")
+    if not client.eval("return type(redis.pcall('INFO', 'server')) == 'string' and 1 or 0", 0):
+        raise RedisSetupError(NEEDS_INFO)
     if not cluster and (warning := replay_warning(client, keys)):
         warnings.append(warning)
     kinds = {keys.uploads: "stream", keys.results: "stream", keys.dead: "stream", keys.attempts: "hash",
@@ -1209,7 +1237,7 @@ class AsyncUploadQueue:
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
-        await self._ensure(keys=[self.keys.uploads, self.keys.state], args=[self.group])
+        await self._ensure(keys=[self.keys.uploads, self.keys.state, self.keys.done], args=[self.group])
 
     async def read(self, count: int, budget_bytes: int) -> Delivery:
         """New entries for this consumer: at most ``count``, and no more than one past ``budget_bytes`` of
@@ -1217,7 +1245,7 @@ class AsyncUploadQueue:
         ``max_entry_bytes`` comes back dead-lettered (``too_large``), its body never sent here."""
         args = [self.group, self.consumer, count, self.max_entry_bytes, max(1, budget_bytes), *self._dead_caps]
         try:
-            uploads, dead, ended, corrected = await self._read(keys=self._io_keys, args=args)
+            uploads, dead, ended, corrected = await self._read(keys=[*self._io_keys, self.keys.state], args=args)
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):  # the stream or group was deleted (or Redis lost it): recreate
                 raise
@@ -1234,7 +1262,7 @@ class AsyncUploadQueue:
         args = [self.group, self.consumer, min_idle_ms, self._cursor, count, self.max_entry_bytes, max(1, budget_bytes),
                 max_deliveries, *self._dead_caps]  # fmt: skip
         try:
-            cursor, uploads, dead, ended = await self._claim(keys=self._io_keys, args=args)
+            cursor, uploads, dead, ended = await self._claim(keys=[*self._io_keys, self.keys.state], args=args)
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise
@@ -1277,7 +1305,7 @@ class AsyncUploadQueue:
         ``deleted`` dead letters: the work on them is moot)."""
         if not entry_ids:
             return 0, []
-        keys = [self.keys.uploads, self.keys.dead, self.keys.attempts]
+        keys = [self.keys.uploads, self.keys.dead, self.keys.attempts, self.keys.state]
         n, gone = await self._touch(keys=keys, args=[self.group, self.consumer, *self._dead_caps, *entry_ids])
         return int(n), [_text(i) for i in gone]
 
@@ -1319,7 +1347,7 @@ class AsyncUploadQueue:
         """Delete the group's consumers that have nothing pending and were not heard from in ``max_idle_s`` (the
         names of killed or restarted consumers); returns how many."""
         args = [self.group, int(max_idle_s * 1000), self.consumer]
-        return int(await self._forget(keys=[self.keys.uploads], args=args))
+        return int(await self._forget(keys=[self.keys.uploads, self.keys.state], args=args))
 
     async def stats(self) -> GroupStats:
         """The group's counts (XINFO GROUPS and XLEN only: XINFO STREAM would send the stream's first and
