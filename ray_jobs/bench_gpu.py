@@ -528,25 +528,24 @@ def part_predictor(args) -> None:
         idx = [(start + i) % len(images) for i in range(rows)]
         blocks.append({**common, "data": np.array([images[i] for i in idx], dtype=object),
                        "plan": np.stack([plans[i] for i in idx]).astype(np.int32).reshape(rows, PLAN_FIELDS)})
-    k = [0]
+    def cycling(over: list) -> Callable[[], int]:
+        """A step that feeds the predictor the next of ``over``'s blocks, round and round."""
+        k = [0]
 
-    def device_step() -> int:
-        predictor(blocks[k[0] % len(blocks)])
-        k[0] += 1
-        return rows
+        def step() -> int:
+            predictor(over[k[0] % len(over)])
+            k[0] += 1
+            return rows
 
-    out("backfill_predictor_gpu_decode", measure(device_step, args.seconds, device, warmup=1), "images/s",
+        return step
+
+    out("backfill_predictor_gpu_decode", measure(cycling(blocks), args.seconds, device, warmup=1), "images/s",
         "bare_inference_eager", batch=batch, block=rows, device=device,
         note="ray_jobs.backfill.Predictor on blocks of JPEG bytes and plans (the decode tasks' output), plain loop")
     pix_blocks = [{**common, "pixels": pixels[[(start + i) % len(images) for i in range(rows)]]}
                   for start in range(0, len(images), rows)]
 
-    def pixels_step() -> int:
-        predictor(pix_blocks[k[0] % len(pix_blocks)])
-        k[0] += 1
-        return rows
-
-    out("backfill_predictor_cpu_decoded", measure(pixels_step, args.seconds, device, warmup=1), "images/s",
+    out("backfill_predictor_cpu_decoded", measure(cycling(pix_blocks), args.seconds, device, warmup=1), "images/s",
         "bare_inference_eager", batch=batch, block=rows, device=device,
         note="the same Predictor on blocks of float pixels the CPU path made (decoding itself: decode_cpu_pil)")
 
