@@ -156,6 +156,35 @@ local function holds(key, kind)
   local t = redis.call('TYPE', key)['ok']
   return t == 'none' or t == kind
 end
+-- the error a script answers, before any write, when one of its output keys holds another type than it
+-- writes; nil when all fit. Arguments: key, kind, key, kind...
+local function wrong_type(...)
+  local args = {...}
+  for i = 1, #args - 1, 2 do
+    if not holds(args[i], args[i + 1]) then
+      return redis.error_reply('WRONGTYPE danmul: ' .. args[i] .. ' holds another type than a ' .. args[i + 1])
+    end
+  end
+  return nil
+end
+-- a flat [name, value, ...] reply (XINFO's) as a table
+local function as_table(flat)
+  local t = {}
+  for i = 1, #flat - 1, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+-- the consumer groups of a stream, each as a table of XINFO GROUPS' fields
+local function groups(key)
+  local out = {}
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do out[#out + 1] = as_table(g) end
+  return out
+end
+local function group_info(key, name)
+  for _, g in ipairs(groups(key)) do
+    if g['name'] == name then return g end
+  end
+  return nil
+end
 -- what an entry costs a consumer: its bytes, plus a fixed cost per field (an entry of a million empty
 -- fields is not 8 bytes to the process that holds it)
 local function entry_size(fields)
@@ -242,9 +271,8 @@ _DEAD_LUA = _LUA_COMMON + """
 local uploads, dead, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, id, reason, detail = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local max_fields, max_value, max_image = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'zset') then
-  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, attempts hash or ledger holds another type')
-end
+local unfit = wrong_type(dead, 'stream', attempts, 'hash', done, 'zset')
+if unfit then return unfit end
 local delivered = times_delivered(uploads, group, id)
 local fields, recovered = {}, 0
 if delivered then
@@ -271,10 +299,8 @@ return {1, recovered}
 _COMPLETE_LUA = _LUA_COMMON + """
 local uploads, result, results, attempts, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, id, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if not holds(result, 'hash') or not holds(results, 'stream') or not holds(attempts, 'hash')
-    or not holds(done, 'zset') then
-  return redis.error_reply('WRONGTYPE danmul: a result key or the ledger holds another type')
-end
+local unfit = wrong_type(result, 'hash', results, 'stream', attempts, 'hash', done, 'zset')
+if unfit then return unfit end
 local recovered = 0
 if not times_delivered(uploads, group, id) then
   if in_ledger(done, id) then return {0, 0} end
@@ -316,9 +342,8 @@ local uploads, dead, attempts, done, state = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
 local group, consumer, count, max_entry, budget = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
                                                   tonumber(ARGV[5])
 local max_fields, max_value, max_image = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'zset') or not holds(state, 'hash') then
-  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, a danmul hash or the ledger holds another type')
-end
+local unfit = wrong_type(dead, 'stream', attempts, 'hash', done, 'zset', state, 'hash')
+if unfit then return unfit end
 local out, buried, total, skipped, drained = {}, {}, 0, 0, false
 for _ = 1, count do
   local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', uploads, '>')
@@ -352,18 +377,12 @@ if #out > 0 or skipped > 0 then seal(state, 'read') end
 -- logged as XCLAIM ... LASTID), so after one the count can stay above 0 for good; so does the count of
 -- entries deleted before they were delivered. Set it right, and say by how much (the caller logs it).
 local corrected = 0
-if drained then
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', uploads)) do
-    local info = {}
-    for i = 1, #g - 1, 2 do info[g[i]] = g[i + 1] end
-    if info['name'] == group and type(info['lag']) == 'number' and info['lag'] > 0
-        and type(info['entries-read']) == 'number' then
-      redis.call('XGROUP', 'SETID', uploads, group, info['last-delivered-id'], 'ENTRIESREAD',
-                 info['entries-read'] + info['lag'])
-      seal(state, 'lag')
-      corrected = info['lag']
-    end
-  end
+local info = drained and group_info(uploads, group)
+if info and type(info['lag']) == 'number' and info['lag'] > 0 and type(info['entries-read']) == 'number' then
+  redis.call('XGROUP', 'SETID', uploads, group, info['last-delivered-id'], 'ENTRIESREAD',
+             info['entries-read'] + info['lag'])
+  seal(state, 'lag')
+  corrected = info['lag']
 end
 return {out, buried, skipped, corrected}
 """
@@ -382,9 +401,8 @@ local group, consumer, min_idle, cursor = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local count, max_entry, budget, max_deliveries = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
                                                  tonumber(ARGV[8])
 local max_fields, max_value, max_image = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
-if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(done, 'zset') or not holds(state, 'hash') then
-  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream, a danmul hash or the ledger holds another type')
-end
+local unfit = wrong_type(dead, 'stream', attempts, 'hash', done, 'zset', state, 'hash')
+if unfit then return unfit end
 local out, buried, total, skipped, moved = {}, {}, 0, 0, false
 -- a dead letter; in_stream: the entry is still in the stream (then it is acknowledged and in the ledger)
 local function bury(id, fields, reason, detail, delivered, in_stream)
@@ -453,9 +471,8 @@ _TOUCH_LUA = _LUA_COMMON + """
 local uploads, dead, attempts, state = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, consumer = ARGV[1], ARGV[2]
 local max_fields, max_value, max_image = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-if not holds(dead, 'stream') or not holds(attempts, 'hash') or not holds(state, 'hash') then
-  return redis.error_reply('WRONGTYPE danmul: the dead-letter stream or a danmul hash holds another type')
-end
+local unfit = wrong_type(dead, 'stream', attempts, 'hash', state, 'hash')
+if unfit then return unfit end
 local n, gone = 0, {}
 for i = 6, #ARGV do
   local id = ARGV[i]
@@ -521,9 +538,7 @@ if run_identity() ~= run_id or audited == '-' or redis.call('EXISTS', uploads) =
   return {0, capped_results, capped_dead, more}  -- Redis changed since the caller's audit: not before it walked
 end
 local floor = nil
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', uploads)) do
-  local gi = {}
-  for i = 1, #g - 1, 2 do gi[g[i]] = g[i + 1] end
+for _, gi in ipairs(groups(uploads)) do
   local need = next_id(gi['last-delivered-id'])  -- everything up to the last delivered one
   local p = redis.call('XPENDING', uploads, gi['name'])
   if p[1] > 0 and id_lt(p[2], need) then need = p[2] end
@@ -566,13 +581,9 @@ if redis.call('EXISTS', uploads) == 0 or not holds(done, 'zset') or not holds(st
   return {run_id, cursor, 0, 1}
 end
 local since = redis.call('HGET', state, 'ledger_since') or ''
-local last = nil
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', uploads)) do
-  local gi = {}
-  for i = 1, #g - 1, 2 do gi[g[i]] = g[i + 1] end
-  if gi['name'] == group then last = gi['last-delivered-id'] end
-end
-if not last then return {run_id, cursor, 0, 1} end
+local ours = group_info(uploads, group)
+if not ours then return {run_id, cursor, 0, 1} end
+local last = ours['last-delivered-id']
 local found, bytes, caught_up = 0, 0, 0
 for _ = 1, max_entries do
   local start = cursor
@@ -608,35 +619,31 @@ return {run_id, cursor, found, caught_up}
 # as ended once acknowledged. The group is made by a plain XGROUP CREATE before this, and this writes one
 # command: both replay even when an append-only file's blocks do not. A ledger that exists already means the
 # tagger ran here with it (the state hash was lost): '0-0'. KEYS: uploads, state, done. ARGV: group.
-_ENSURE_LUA = """
+_ENSURE_LUA = _LUA_COMMON + """
 local uploads, state, done, group = KEYS[1], KEYS[2], KEYS[3], ARGV[1]
 if redis.call('EXISTS', done) == 1 then return redis.call('HSETNX', state, 'ledger_since', '0-0') end
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', uploads)) do
-  local gi = {}
-  for i = 1, #g - 1, 2 do gi[g[i]] = g[i + 1] end
-  if gi['name'] == group then return redis.call('HSETNX', state, 'ledger_since', gi['last-delivered-id']) end
-end
-return 0
+local ours = group_info(uploads, group)
+if not ours then return 0 end
+return redis.call('HSETNX', state, 'ledger_since', ours['last-delivered-id'])
 """
 
 # Consumers that left the group's list behind them (killed, restarted under a new name): a consumer that has
 # nothing pending and has not been heard from in max_idle_ms is deleted (deleting one with pending entries
 # would drop them). ARGV: group, max_idle_ms, our own name. Returns how many were deleted.
-_FORGET_LUA = """
+_FORGET_LUA = _LUA_COMMON + """
 local uploads, state, group, max_idle, me = KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), ARGV[3]
 if redis.call('EXISTS', uploads) == 0 then return 0 end
 local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', uploads, group)
 if not ok then return 0 end
 local n = 0
 for _, c in ipairs(consumers) do
-  local info = {}
-  for i = 1, #c - 1, 2 do info[c[i]] = c[i + 1] end
+  local info = as_table(c)
   if info['name'] ~= me and tonumber(info['pending']) == 0 and tonumber(info['idle']) >= max_idle then
     redis.call('XGROUP', 'DELCONSUMER', uploads, group, info['name'])
     n = n + 1
   end
 end
-if n > 0 then redis.call('HSET', state, 'sealed', 'forget') end  -- one block, as the other scripts' (see seal)
+if n > 0 then seal(state, 'forget') end
 return n
 """
 
@@ -648,7 +655,7 @@ AUDIT_MAX_ENTRIES, AUDIT_MAX_BYTES = 2_000, 16 << 20
 CAP_MAX_ENTRIES, CAP_MAX_BYTES = 10_000, 4 << 20  # at most ~10 ms of Redis a call
 FORGOTTEN_IDLE_MS = 10**10  # a forgotten upload made pending again looks idle this long: any reclaim takes it
 MAX_ENTRY_FIELDS = 256  # an entry with more fields is dead-lettered (too_large) unread
-for _name in ("_DEAD_LUA", "_COMPLETE_LUA", "_READ_LUA", "_CLAIM_LUA", "_TOUCH_LUA", "_TRIM_LUA", "_AUDIT_LUA"):
+for _name in [n for n in globals() if n.endswith("_LUA")]:  # every script: those built on _LUA_COMMON need it
     globals()[_name] = globals()[_name].replace("@HALF_FIELD_COST@", str(ENTRY_FIELD_COST // 2)).replace(
         "@MAX_ENTRY_FIELDS@", str(MAX_ENTRY_FIELDS))
 
