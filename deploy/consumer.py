@@ -338,7 +338,11 @@ class UploadConsumer:
         if self.redis_problem is not None:
             log.info("redis available again")
         self.redis_problem = None
-        self.metrics.REDIS_UP.set(0 if self.unresponsive else 1)
+        self._publish_redis_up()
+
+    def _publish_redis_up(self) -> None:
+        """``danmul_redis_up``: 1 while neither the loop nor the heartbeat has a Redis problem to report."""
+        self.metrics.REDIS_UP.set(0 if self.redis_problem or self.unresponsive else 1)
 
     async def _heartbeat(self) -> None:
         """PING Redis every HEARTBEAT_S on a connection of its own: a Redis that hangs (stopped, swapping, a
@@ -352,8 +356,6 @@ class UploadConsumer:
                 if self.unresponsive is not None:
                     log.info("redis answers again")
                 self.unresponsive, since = None, None
-                if self.redis_problem is None:
-                    self.metrics.REDIS_UP.set(1)
             except Exception as e:  # whatever it is, Redis did not answer the PING
                 since = since or time.monotonic()
                 if isinstance(e, AUTH_ERRORS):
@@ -364,17 +366,17 @@ class UploadConsumer:
                 if self.unresponsive is None:
                     log.warning("%s", problem)
                 self.unresponsive = problem
-                self.metrics.REDIS_UP.set(0)
+            self._publish_redis_up()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), HEARTBEAT_S)
 
     def _redis_down(self, problem: str, error: bool = False) -> None:
-        self.metrics.REDIS_UP.set(0)
         now = time.monotonic()
         if problem != self.redis_problem or now - self._last_redis_log > REDIS_ERROR_LOG_INTERVAL_S:
             (log.error if error else log.warning)("%s; retrying", problem)
             self._last_redis_log = now
         self.redis_problem = problem
+        self._publish_redis_up()
 
     async def _drain(self, timeout_s: float = 20.0) -> None:
         """On stop: let in-flight uploads finish; whatever does not stays pending for another consumer."""
